@@ -1,0 +1,65 @@
+"""The one place where backbone specifics live.
+
+SAISA reuses the decoder layers of a transformers LLM unchanged. To build a layer's *visual* keys and values it
+needs four pieces of that layer: the pre-attention norm, `k_proj`, `v_proj` and (Qwen3) `k_norm`, plus the
+backbone's rotary embedding. Every Llama-family decoder in transformers names these the same way, so a backbone
+entry only records what differs (today: whether there is a `k_norm`). Adding a backbone = adding one line here
+and running the oracle tests on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "SUPPORTED_TEXT_MODEL_TYPES",
+    "SUPPORTED_VISION_MODEL_TYPES",
+    "BackboneSpec",
+    "backbone_spec",
+    "rotate_keys",
+]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to reach the parts of decoder layer `layer` that turn hidden states into keys/values."""
+
+    has_k_norm: bool = False
+
+    def kv_parts(self, layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module | None]:
+        attn = layer.self_attn
+        return layer.input_layernorm, attn.k_proj, attn.v_proj, (attn.k_norm if self.has_k_norm else None)
+
+
+_BACKBONES: dict[str, BackboneSpec] = {
+    "llama": BackboneSpec(),  # Vicuna, Llama-2, Llama-3
+    "mistral": BackboneSpec(),
+    "qwen2": BackboneSpec(),  # q/k/v biases live inside k_proj / v_proj: nothing to record
+    "qwen3": BackboneSpec(has_k_norm=True),
+}
+
+SUPPORTED_TEXT_MODEL_TYPES = frozenset(_BACKBONES)
+# Vision towers: transformers' own vision models; features are read from `hidden_states[vision_feature_layer]`.
+# `has_cls`: whether the tower prepends a CLS token (the "default" select strategy drops the first token).
+SUPPORTED_VISION_MODEL_TYPES = frozenset({"clip_vision_model", "siglip_vision_model"})
+VISION_HAS_CLS = {"clip_vision_model": True, "siglip_vision_model": False}
+
+
+def backbone_spec(model_type: str) -> BackboneSpec:
+    try:
+        return _BACKBONES[model_type]
+    except KeyError:
+        raise ValueError(
+            f"Unsupported text backbone {model_type!r}; SAISA supports {sorted(_BACKBONES)}."
+        ) from None
+
+
+def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on keys only (`[B, H, N, D]`, cos/sin `[B, N, D]`), in the half-rotation form all four backbones use."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = keys.shape[-1] // 2
+    rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
+    return keys * cos + rotated * sin
