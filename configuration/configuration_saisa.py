@@ -128,8 +128,7 @@ class SaisaConfig(PreTrainedConfig):
         vocab = self.text_config.vocab_size
         if not 0 <= self.image_token_index < vocab:
             raise ValueError(
-                f"image_token_index={self.image_token_index} must be an id inside the text vocabulary "
-                f"(0..{vocab - 1})."
+                f"image_token_index={self.image_token_index} must be an id inside the text vocabulary (0..{vocab - 1})."
             )
 
     def expected_image_seq_length(self) -> int | None:

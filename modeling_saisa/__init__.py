@@ -4,20 +4,27 @@ Importing the package registers SAISA with transformers' Auto classes, so that `
 `AutoModel`, `AutoModelForImageTextToText` (and `AutoProcessor`) resolve `model_type="saisa"`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from modeling_saisa.configuration import SaisaConfig
 from modeling_saisa.modeling_saisa import SaisaForConditionalGeneration, SaisaModel, SaisaPreTrainedModel
+from modeling_saisa.processing import SaisaImageProcessor, SaisaProcessor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SaisaConfig",
     "SaisaForConditionalGeneration",
+    "SaisaImageProcessor",
     "SaisaModel",
     "SaisaPreTrainedModel",
+    "SaisaProcessor",
 ]
 
 AutoConfig.register("saisa", SaisaConfig, exist_ok=True)
 AutoModel.register(SaisaConfig, SaisaModel, exist_ok=True)
 AutoModelForImageTextToText.register(SaisaConfig, SaisaForConditionalGeneration, exist_ok=True)
+# The image processor is PIL-backed (torchvision does not import beside the CPU torch wheel); registering it under
+# "pil" lets `AutoImageProcessor` / `AutoProcessor.from_pretrained(dir)` find it by its saved class name.
+AutoImageProcessor.register(SaisaConfig, image_processor_classes={"pil": SaisaImageProcessor}, exist_ok=True)
+AutoProcessor.register(SaisaConfig, SaisaProcessor, exist_ok=True)

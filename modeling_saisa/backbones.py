@@ -28,6 +28,8 @@ class BackboneSpec:
     """How to reach the parts of decoder layer `layer` that turn hidden states into keys/values."""
 
     has_k_norm: bool = False
+    # The backbone takes a dict of masks keyed by `config.layer_types` (full / sliding layers), not one mask.
+    mask_by_layer_type: bool = False
 
     def kv_parts(self, layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module | None]:
         attn = layer.self_attn
@@ -37,8 +39,8 @@ class BackboneSpec:
 _BACKBONES: dict[str, BackboneSpec] = {
     "llama": BackboneSpec(),  # Vicuna, Llama-2, Llama-3
     "mistral": BackboneSpec(),
-    "qwen2": BackboneSpec(),  # q/k/v biases live inside k_proj / v_proj: nothing to record
-    "qwen3": BackboneSpec(has_k_norm=True),
+    "qwen2": BackboneSpec(mask_by_layer_type=True),  # q/k/v biases live inside k_proj / v_proj
+    "qwen3": BackboneSpec(has_k_norm=True, mask_by_layer_type=True),
 }
 
 SUPPORTED_TEXT_MODEL_TYPES = frozenset(_BACKBONES)
@@ -52,14 +54,15 @@ def backbone_spec(model_type: str) -> BackboneSpec:
     try:
         return _BACKBONES[model_type]
     except KeyError:
-        raise ValueError(
-            f"Unsupported text backbone {model_type!r}; SAISA supports {sorted(_BACKBONES)}."
-        ) from None
+        raise ValueError(f"Unsupported text backbone {model_type!r}; SAISA supports {sorted(_BACKBONES)}.") from None
 
 
-def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on keys only (`[B, H, N, D]`, cos/sin `[B, N, D]`), in the half-rotation form all four backbones use."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int = 2) -> torch.Tensor:
+    """RoPE on keys only, in the half-rotation form all four backbones use.
+
+    `keys` `[N, n_v, H, D]` (heads at `head_dim`), cos/sin `[N, n_v, D]` from the backbone's own `rotary_emb`.
+    """
+    cos, sin = cos.unsqueeze(head_dim), sin.unsqueeze(head_dim)
     half = keys.shape[-1] // 2
     rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
     return keys * cos + rotated * sin

@@ -1,0 +1,440 @@
+"""SAISA models: a vision tower, one projector per decoder layer, and an unmodified transformers LLM.
+
+Layout and conventions follow transformers' Llava (`model.vision_tower`, `model.multi_modal_projector`,
+`model.language_model`, `lm_head`). What differs is where the image goes: instead of embedding visual tokens into the
+input sequence, each decoder layer l receives `P_l(f)` as the input of its self-attention at the visual positions,
+and visual tokens are keys/values only. See docs/architecture.md for the data path and `layout.py` /
+`visual_kv.py` for the two pieces that make it happen without touching the backbone's code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_masks_for_generate
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.utils import logging
+
+from modeling_saisa.backbones import backbone_spec
+from modeling_saisa.configuration import SaisaConfig
+from modeling_saisa.layout import TokenLayout
+from modeling_saisa.visual_kv import InjectedVisualKV, VisualKVCache
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "SaisaCausalLMOutputWithPast",
+    "SaisaForConditionalGeneration",
+    "SaisaModel",
+    "SaisaModelOutputWithPast",
+    "SaisaMultiModalProjector",
+    "SaisaPreTrainedModel",
+]
+
+
+@dataclass
+class SaisaModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+        Final hidden states at text rows; zeros at visual and padding rows (SAISA has no output there).
+    query_hidden_states (`torch.FloatTensor` of shape `(batch_size, n_query_slots, hidden_size)`, *optional*):
+        The same states in the compact per-query layout the backbone ran on (only when the chunk had images).
+    layout (`TokenLayout`, *optional*):
+        Where each query slot and visual row sits in the sequence (only when the chunk had images).
+    """
+
+    query_hidden_states: torch.FloatTensor | None = None
+    layout: TokenLayout | None = None
+
+
+@dataclass
+class SaisaCausalLMOutputWithPast(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class SaisaMultiModalProjector(nn.Module):
+    """`Linear(d_vision, h) -> act -> Linear(h, h)`: LLaVA-1.5's MLP, one per decoder layer in SAISA."""
+
+    def __init__(self, config: SaisaConfig):
+        super().__init__()
+        hidden, bias = config.text_config.hidden_size, config.multimodal_projector_bias
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size, hidden, bias=bias)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(hidden, hidden, bias=bias)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+class SaisaPreTrainedModel(PreTrainedModel):
+    config: SaisaConfig
+    config_class = SaisaConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    # Masks are built through transformers' mask interface by backend name; custom kernels are not vetted.
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False  # the token layout is data dependent (one host sync per prefill)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, SaisaMultiModalProjector):
+            std = self.config.text_config.initializer_range
+            for linear in (module.linear_1, module.linear_2):
+                nn.init.normal_(linear.weight, mean=0.0, std=std)
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
+
+
+class SaisaModel(SaisaPreTrainedModel):
+    """Vision tower + per-layer projectors + the backbone decoder (no LM head)."""
+
+    def __init__(self, config: SaisaConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        n_projectors = 1 if config.shared_projector else config.text_config.num_hidden_layers
+        self.multi_modal_projector = nn.ModuleList(SaisaMultiModalProjector(config) for _ in range(n_projectors))
+        self.language_model = AutoModel.from_config(config.text_config)
+        self._backbone = backbone_spec(config.text_config.model_type)
+        for layer in self.language_model.layers:
+            # The proxy cache only reads visual K/V and, in training, wraps no storing cache: keeping it under
+            # activation checkpointing is safe (instance attribute: plain backbones elsewhere are untouched).
+            layer._can_checkpoint_with_cache = True
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def project(self, image_features: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """`P_l(f)`: the visual rows of decoder layer `layer_idx`'s input."""
+        projector = self.multi_modal_projector[0 if self.config.shared_projector else layer_idx]
+        return projector(image_features.to(projector.linear_1.weight.dtype))
+
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+    ) -> torch.Tensor:
+        """Vision features `f` `[n_images, image_seq_length, d_vision]`, before any projector.
+
+        (Unlike Llava's, these are not projected: SAISA projects them once per decoder layer.)
+        """
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        vision = self.config.vision_config
+        expected = (vision.num_channels, vision.image_size, vision.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must have shape (n_images, {', '.join(map(str, expected))}); got "
+                f"{tuple(pixel_values.shape)}."
+            )
+        dtype = next(self.vision_tower.parameters()).dtype
+        outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
+        features = outputs.hidden_states[layer]
+        if strategy == "default":
+            features = features[:, 1:]
+        return features
+
+    def placeholder_mask(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        past_length: int,
+    ) -> torch.Tensor | None:
+        """Which rows of this chunk are visual (`[B, S]` bool), or None for a text-only chunk.
+
+        After a prompt, image-token ids in a continuation without `pixel_values` (generated or proposed by prompt
+        lookup) are text: only a chunk that brings images, or a fresh prompt, has placeholders.
+        """
+        if pixel_values is None and past_length > 0:
+            return None
+        if input_ids is not None:
+            mask = input_ids == self.config.image_token_id
+        else:
+            image_embed = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+            )
+            mask = (inputs_embeds == image_embed).all(-1)
+        n_placeholders = int(mask.sum())
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        expected = n_images * self.config.image_seq_length
+        if n_placeholders != expected:
+            if pixel_values is None:
+                raise ValueError(
+                    f"input_ids hold {n_placeholders} image placeholder tokens (id {self.config.image_token_id}) but "
+                    "no pixel_values were given: pass the images, or remove the placeholders."
+                )
+            raise ValueError(
+                f"Image placeholders and images do not match: input_ids hold {n_placeholders} placeholder tokens "
+                f"(id {self.config.image_token_id}), but {n_images} images x image_seq_length "
+                f"{self.config.image_seq_length} = {expected}."
+            )
+        if n_placeholders == 0:
+            return None
+        per_row = mask.sum(1) % self.config.image_seq_length
+        if bool(per_row.any()):
+            row = int(per_row.nonzero()[0])
+            raise ValueError(
+                f"Row {row} holds {int(mask[row].sum())} image placeholders, not a multiple of image_seq_length "
+                f"{self.config.image_seq_length}: every image must sit whole in one row."
+            )
+        return mask
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> SaisaModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        batch, seq = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        text_config = self.config.text_config
+        use_cache = text_config.use_cache if use_cache is None else use_cache
+        checkpointing = self.training and self.language_model.is_gradient_checkpointing
+        if checkpointing and use_cache:
+            logger.warning_once("use_cache=True is incompatible with activation checkpointing: using use_cache=False.")
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=text_config)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        # A 2-D padding mask over past + chunk (a prepared 4-D mask from generate is only used on decode steps).
+        mask_2d = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
+        if mask_2d is None:
+            mask_2d = torch.ones(batch, past_length + seq, dtype=torch.long, device=device)
+        elif mask_2d.shape[1] == seq and past_length > 0:
+            mask_2d = torch.cat([mask_2d.new_ones(batch, past_length), mask_2d], dim=1)
+        if position_ids is None:
+            # Absolute positions that skip padding: LLaVA-1.5's layout (and generate's own rule).
+            position_ids = (mask_2d.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+        max_positions = text_config.max_position_embeddings
+        if seq and int(position_ids.max()) >= max_positions:
+            raise ValueError(
+                f"Sequence too long: position {int(position_ids.max())} reached, but the backbone has "
+                f"max_position_embeddings={max_positions}."
+            )
+
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        is_visual = self.placeholder_mask(input_ids, inputs_embeds, pixel_values, past_length)
+        if is_visual is None:
+            if pixel_values is not None:
+                raise ValueError(
+                    f"pixel_values hold {pixel_values.shape[0]} images but input_ids hold no image placeholders."
+                )
+            # Text-only chunk (a decode step, a continuation, a text-only batch): the backbone, untouched.
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask if attention_mask is not None else mask_2d,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            return SaisaModelOutputWithPast(
+                last_hidden_state=outputs.last_hidden_state,
+                past_key_values=past_key_values if use_cache else None,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+            )
+
+        features = self.get_image_features(pixel_values)
+        layout = TokenLayout.build(is_visual, mask_2d, position_ids, past_length, self.config.image_seq_length)
+        hidden = inputs_embeds.shape[-1]
+        query_embeds = inputs_embeds.gather(1, layout.query_index[..., None].expand(-1, -1, hidden))
+        policy = InjectedVisualKV(self, features, layout, precompute=checkpointing)
+        outputs = self.language_model(
+            inputs_embeds=query_embeds,
+            attention_mask=self._query_masks(layout, past_key_values, query_embeds.dtype),
+            position_ids=layout.query_positions,
+            past_key_values=VisualKVCache(past_key_values, layout, policy),
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return SaisaModelOutputWithPast(
+            last_hidden_state=layout.to_sequence(outputs.last_hidden_state),
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            query_hidden_states=outputs.last_hidden_state,
+            layout=layout,
+        )
+
+    def _query_masks(self, layout: TokenLayout, cache: Cache | None, dtype: torch.dtype):
+        """The prepared attention mask(s) for the query slots, for the backbone's attention backend."""
+        text_config = self.config.text_config
+        kv_length, kv_offset = (layout.past_length + layout.seq_length, 0)
+        if cache is not None:
+            kv_length, kv_offset = cache.get_mask_sizes(layout.seq_length, 0)
+        if kv_offset:
+            raise NotImplementedError(
+                "A chunk with images on top of a sliding-window cache that already dropped tokens is not supported."
+            )
+        implementation = text_config._attn_implementation or "eager"
+        if implementation.startswith("flash_attention"):
+            raise NotImplementedError(
+                "flash-attention prefill with images is not implemented yet; use attn_implementation='sdpa'."
+            )
+        window = getattr(text_config, "sliding_window", None)
+        if not self._backbone.mask_by_layer_type:
+            return layout.attention_mask(implementation, kv_length, dtype, sliding_window=window)
+        return {
+            layer_type: layout.attention_mask(
+                implementation, kv_length, dtype, sliding_window=window if layer_type == "sliding_attention" else None
+            )
+            for layer_type in set(text_config.layer_types)
+        }
+
+
+class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
+    """SAISA with a language-modeling head: `forward`, `generate`, Trainer, PEFT, like LlavaForConditionalGeneration."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: SaisaConfig):
+        super().__init__(config)
+        self.model = SaisaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_decoder(self) -> nn.Module:
+        return self.model.language_model
+
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> SaisaCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Unshifted next-token labels, -100 to ignore (as for any transformers causal LM). A label whose preceding
+            row is visual or padding is never predicted: SAISA has outputs at text rows only.
+        logits_to_keep (`int` or `torch.Tensor`, *optional*):
+            As in transformers' causal LMs: keep only the last `logits_to_keep` positions (0 = all).
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        vocab_size = self.config.text_config.vocab_size
+        layout = outputs.layout
+        loss = None
+        if layout is None:  # text-only chunk: exactly a causal LM
+            hidden = outputs.last_hidden_state
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep, :])
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+        elif isinstance(logits_to_keep, int) and logits_to_keep > 0 and labels is None:
+            # generate(): the last position must be a text row, else there is nothing to predict from.
+            if bool(layout.ends_with_image.any()):
+                raise ValueError(
+                    "The prompt ends in image placeholders: SAISA has no output at visual rows, so there is nothing "
+                    "to predict the next token from. End the prompt with text (e.g. the chat template's "
+                    "assistant prefix)."
+                )
+            logits = self.lm_head(outputs.last_hidden_state[:, -logits_to_keep:, :])
+        else:
+            # The LM head runs on text rows only; logits come back in sequence layout (zeros at visual rows).
+            query_logits = self.lm_head(outputs.query_hidden_states)
+            if labels is not None:
+                loss = self.loss_function(
+                    logits=query_logits,
+                    labels=None,
+                    shift_labels=layout.shift_labels(labels),
+                    vocab_size=vocab_size,
+                    **kwargs,
+                )
+            logits = layout.to_sequence(query_logits)
+            if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+                keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+                logits = logits[:, keep, :]
+        return SaisaCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, **kwargs):
+        """Compilable caches get a prepared mask from generate; the prefill with images needs the 2-D one."""
+        if kwargs.get("is_first_iteration"):
+            return attention_mask
+        return create_masks_for_generate(
+            config.get_text_config(decoder=True), inputs_embeds, attention_mask, past_key_values, **kwargs
+        )
+
+    def _expand_inputs_for_generation(
+        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **kw
+    ):
+        """Beam search / num_return_sequences: repeat each row's *own* images with it (not each image in place)."""
+        pixel_values = kw.pop("pixel_values", None)
+        if pixel_values is not None and expand_size > 1 and input_ids is not None:
+            per_row = ((input_ids == self.config.image_token_id).sum(1) // self.config.image_seq_length).tolist()
+            starts = [sum(per_row[:row]) for row in range(len(per_row))]
+            index = [
+                start + image
+                for start, count in zip(starts, per_row)
+                for _ in range(expand_size)
+                for image in range(count)
+            ]
+            pixel_values = pixel_values[torch.tensor(index, dtype=torch.long, device=pixel_values.device)]
+        input_ids, kw = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **kw)
+        if pixel_values is not None:
+            kw["pixel_values"] = pixel_values
+        return input_ids, kw

@@ -1,0 +1,86 @@
+"""Visual keys/values per decoder layer, and the cache proxy that hands them to the backbone's attention.
+
+The backbone (an unmodified transformers decoder) runs on text rows only. Its attention calls
+`past_key_values.update(k_text, v_text, layer_idx)`; `VisualKVCache` is what it gets as `past_key_values`. At that
+call it asks the visual policy for *that* layer's visual K/V, merges text and visual K/V into sequence order, hands
+the merged K/V to the real cache (so the cache holds LLaVA's layout) and returns them. With no real cache (training,
+`use_cache=False`) it only merges. The caller always gets the real cache back, never the proxy.
+
+A visual policy says where a layer's visual K/V come from. SAISA's (`InjectedVisualKV`) is "`P_l(f)` seen through
+layer l's own pre-attention norm, k/v projections, optional k_norm and RoPE at the visual positions". Other systems
+of the same family (NAAViT, ShortV's frozen layers, EE-MLLM's composite attention) are other policies with the
+same `key_values(layer_idx)` method; nothing else changes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from transformers.cache_utils import Cache
+
+from modeling_saisa.backbones import backbone_spec, rotate_keys
+from modeling_saisa.layout import TokenLayout
+
+if TYPE_CHECKING:
+    from modeling_saisa.modeling_saisa import SaisaModel
+
+__all__ = ["VisualPolicy", "InjectedVisualKV", "VisualKVCache"]
+
+
+class VisualPolicy(Protocol):
+    def key_values(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer_idx`'s visual keys (rotated) and values, `[n_visual, n_kv_heads, head_dim]` each."""
+
+
+class InjectedVisualKV:
+    """SAISA: layer l's visual rows are `P_l(f)`; visual tokens get no query, no attention output and no FFN.
+
+    `precompute=True` builds every layer's K/V up front, outside the decoder layers: under activation
+    checkpointing the layers are recomputed in backward, and the visual work must not be recomputed with them.
+    Otherwise each layer's K/V are built when its attention asks, so at most one layer's are alive beside the cache.
+    """
+
+    def __init__(self, model: SaisaModel, features: torch.Tensor, layout: TokenLayout, precompute: bool = False):
+        self.model = model
+        self.features = features  # [n_images, n_v, d_vision]
+        self.spec = backbone_spec(model.config.text_config.model_type)
+        self.layers = model.language_model.layers
+        # RoPE tables at the visual positions: the backbone's own rotary embedding, shared by all layers.
+        self.cos, self.sin = model.language_model.rotary_emb(features, position_ids=layout.visual_positions)
+        self._precomputed = [self._compute(i) for i in range(len(self.layers))] if precompute else None
+
+    def key_values(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._precomputed is not None:
+            return self._precomputed[layer_idx]
+        return self._compute(layer_idx)
+
+    def _compute(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        norm, k_proj, v_proj, k_norm = self.spec.kv_parts(self.layers[layer_idx])
+        hidden = norm(self.model.project(self.features, layer_idx))  # [N, n_v, h]
+        n_images, n_v, _ = hidden.shape
+        keys = k_proj(hidden).view(n_images, n_v, -1, self.cos.shape[-1])
+        values = v_proj(hidden).view(n_images, n_v, -1, self.cos.shape[-1])
+        if k_norm is not None:
+            keys = k_norm(keys)
+        keys = rotate_keys(keys, self.cos.to(keys.dtype), self.sin.to(keys.dtype))
+        return keys.flatten(0, 1), values.flatten(0, 1)
+
+
+class VisualKVCache(Cache):
+    """The `past_key_values` the backbone sees during a chunk with visual tokens (a thin proxy, one per forward)."""
+
+    def __init__(self, cache: Cache | None, layout: TokenLayout, policy: VisualPolicy):
+        # Share the real cache's layer list, so its length/mask-size/sliding queries answer for the real cache.
+        super().__init__(layers=cache.layers if cache is not None else [])
+        self.cache = cache
+        self.layout = layout
+        self.policy = policy
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        visual_keys, visual_values = self.policy.key_values(layer_idx)
+        keys = self.layout.merge(key_states, visual_keys)
+        values = self.layout.merge(value_states, visual_values)
+        if self.cache is None:
+            return keys, values
+        return self.cache.update(keys, values, layer_idx, *args, **kwargs)
