@@ -76,7 +76,8 @@ class SaisaConfig(PreTrainedConfig):
                 "projection_dim": 768,
             },
         ),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        # Vicuna-7B plus the `<image>` token the converter adds (id 32000).
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", init_kwargs={"vocab_size": 32001}),
     }
 
     vision_config: dict | PreTrainedConfig | None = None
@@ -95,6 +96,7 @@ class SaisaConfig(PreTrainedConfig):
         # Like LlavaConfig: a tied text config means a tied model.
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
+        self.validate_architecture()  # raise a plain ValueError at construction, not a wrapped validator error
 
     def validate_architecture(self):
         """Part of `@strict` validation: reject configs the model could not honour, saying what was expected."""

@@ -138,6 +138,15 @@ class SaisaModel(SaisaPreTrainedModel):
         """
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        self.check_pixel_values(pixel_values)
+        dtype = next(self.vision_tower.parameters()).dtype
+        outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
+        features = outputs.hidden_states[layer]
+        if strategy == "default":
+            features = features[:, 1:]
+        return features
+
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         vision = self.config.vision_config
         expected = (vision.num_channels, vision.image_size, vision.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
@@ -145,12 +154,6 @@ class SaisaModel(SaisaPreTrainedModel):
                 f"pixel_values must have shape (n_images, {', '.join(map(str, expected))}); got "
                 f"{tuple(pixel_values.shape)}."
             )
-        dtype = next(self.vision_tower.parameters()).dtype
-        outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
-        features = outputs.hidden_states[layer]
-        if strategy == "default":
-            features = features[:, 1:]
-        return features
 
     def placeholder_mask(
         self,
@@ -166,6 +169,8 @@ class SaisaModel(SaisaPreTrainedModel):
         """
         if pixel_values is None and past_length > 0:
             return None
+        if pixel_values is not None:
+            self.check_pixel_values(pixel_values)
         if input_ids is not None:
             mask = input_ids == self.config.image_token_id
         else:
@@ -215,7 +220,7 @@ class SaisaModel(SaisaPreTrainedModel):
         device = (input_ids if input_ids is not None else inputs_embeds).device
         text_config = self.config.text_config
         use_cache = text_config.use_cache if use_cache is None else use_cache
-        checkpointing = self.training and self.language_model.is_gradient_checkpointing
+        checkpointing = self.training and self.language_model.is_activation_checkpointing
         if checkpointing and use_cache:
             logger.warning_once("use_cache=True is incompatible with activation checkpointing: using use_cache=False.")
             use_cache = False

@@ -68,3 +68,31 @@ def tiny_model(text: str = "llama", vision: str = "clip", seed: int = 0, attn: s
     model = SaisaForConditionalGeneration(config)
     model.set_attn_implementation(attn)
     return model.eval()
+
+
+def make_batch(rows: list[list], padding_side: str = "left", image_seq_length: int = 16, image_size: int = 8, seed=0):
+    """Build `input_ids`, `attention_mask`, `pixel_values` from row recipes.
+
+    A recipe is a list of segments: an int n = n random text tokens, the string "img" = one image's placeholders.
+    Rows are padded with PAD_TOKEN_ID on `padding_side`. pixel_values are ordered row-major, as the processor does.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    sequences, n_images = [], 0
+    for recipe in rows:
+        ids = [1]  # BOS
+        for segment in recipe:
+            if segment == "img":
+                ids += [IMAGE_TOKEN_ID] * image_seq_length
+                n_images += 1
+            else:
+                ids += torch.randint(3, IMAGE_TOKEN_ID, (segment,), generator=gen).tolist()
+        sequences.append(ids)
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(rows), width), PAD_TOKEN_ID, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(sequences):
+        span = slice(width - len(ids), width) if padding_side == "left" else slice(0, len(ids))
+        input_ids[row, span] = torch.tensor(ids)
+        attention_mask[row, span] = 1
+    pixel_values = torch.randn(n_images, 3, image_size, image_size, generator=gen) if n_images else None
+    return input_ids, attention_mask, pixel_values
