@@ -22,7 +22,19 @@ from dataclasses import dataclass
 import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-__all__ = ["TokenLayout"]
+__all__ = ["TokenLayout", "VarlenPlan"]
+
+
+@dataclass
+class VarlenPlan:
+    """Packed keys for varlen attention: `key_gather` picks each query run's keys from the `[B, kv_length]` cache."""
+
+    key_gather: torch.Tensor  # [sum of key lengths] flat index b * kv_length + key index
+    kwargs: dict  # cu_seq_lens_q/k, max_length_q/k: forwarded by the backbone to its attention function
+
+    def pack_keys(self, states: torch.Tensor) -> torch.Tensor:
+        """Cache K/V `[B, H, kv_length, D]` -> `[1, H, sum of key lengths, D]`."""
+        return states.transpose(1, 2).flatten(0, 1)[self.key_gather][None].transpose(1, 2)
 
 
 @dataclass
@@ -38,6 +50,7 @@ class TokenLayout:
     visual_positions: torch.Tensor  # [n_images, n_v] position ids of the visual rows
     key_valid: torch.Tensor  # [B, past_length + S] bool: the key is not padding
     ends_with_image: torch.Tensor  # [B] bool: the row's last non-padding token is visual
+    is_text: torch.Tensor  # [B, S] bool: the row is a query (text, not padding)
 
     @classmethod
     def build(
@@ -81,22 +94,68 @@ class TokenLayout:
             visual_positions=visual_positions,
             key_valid=key_valid,
             ends_with_image=ends_with_image,
+            is_text=is_text,
         )
 
     @property
     def batch_size(self) -> int:
         return self.query_index.shape[0]
 
-    def merge(self, text_states: torch.Tensor, visual_states: torch.Tensor) -> torch.Tensor:
-        """Text K/V `[B, H, T, D]` + visual K/V `[n_visual, H, D]` -> the chunk's K/V `[B, H, S, D]` in sequence order.
+    def merge(self, text_states: torch.Tensor, visual_states: torch.Tensor, packed: bool = False) -> torch.Tensor:
+        """Text K/V + visual K/V `[n_visual, H, D]` -> the chunk's K/V `[B, H, S, D]` in sequence order.
 
-        Padding rows get zeros (they are masked; zeros keep NaN out of `0 * value`).
+        Text K/V come per query slot `[B, H, T, D]`, or `packed` `[1, H, n_text, D]` (varlen backends). Padding rows
+        get zeros (they are masked; zeros keep NaN out of `0 * value`).
         """
-        batch, heads, _, dim = text_states.shape
-        merged = text_states.new_zeros(batch * self.seq_length, heads, dim)
-        merged.index_copy_(0, self.text_target, text_states.transpose(1, 2).flatten(0, 1)[self.query_source])
+        _, heads, _, dim = text_states.shape
+        rows = text_states.transpose(1, 2).flatten(0, 1)
+        rows = rows if packed else rows[self.query_source]
+        merged = rows.new_zeros(self.batch_size * self.seq_length, heads, dim)
+        merged.index_copy_(0, self.text_target, rows)
         merged.index_copy_(0, self.visual_target, visual_states.to(merged.dtype))
-        return merged.view(batch, self.seq_length, heads, dim).transpose(1, 2)
+        return merged.view(self.batch_size, self.seq_length, heads, dim).transpose(1, 2)
+
+    def pack(self, per_sequence: torch.Tensor) -> torch.Tensor:
+        """`[B, S, X]` -> the text rows packed row-major `[1, n_text, X]` (the varlen backends' query layout)."""
+        return per_sequence.flatten(0, 1)[self.text_target][None]
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """Packed text rows `[1, n_text, X]` -> per query slot `[B, T, X]` (zeros in unused slots)."""
+        width = self.query_index.shape[1]
+        out = packed.new_zeros(self.batch_size * width, packed.shape[-1])
+        out.index_copy_(0, self.query_source, packed[0])
+        return out.view(self.batch_size, width, -1)
+
+    def varlen_plan(self, kv_length: int) -> VarlenPlan:
+        """Flash-style variable-length attention for the packed text rows, exact by construction.
+
+        Each maximal run of text rows in a batch row is one query sequence; its keys are the row's non-padding keys
+        up to the run's last row. Bottom-right causal alignment then lets query i see exactly the keys j <= i.
+        """
+        is_text = self.is_text
+        previous = torch.nn.functional.pad(is_text, (1, 0))[:, :-1]
+        following = torch.nn.functional.pad(is_text, (0, 1))[:, 1:]
+        starts = (is_text & ~previous).nonzero()  # [n_seg, 2] (row, first index), row-major = packed order
+        ends = (is_text & ~following).nonzero()[:, 1] + 1
+        rows = starts[:, 0]
+        first_key = self.key_valid.to(torch.uint8).argmax(1)[rows]  # padding sits before the first valid key
+        q_lengths = ends - starts[:, 1]
+        k_lengths = self.past_length + ends - first_key
+        zero = q_lengths.new_zeros(1)
+        cu_q = torch.cat([zero, q_lengths.cumsum(0)]).to(torch.int32)
+        cu_k = torch.cat([zero, k_lengths.cumsum(0)]).to(torch.int32)
+        segment = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), k_lengths)
+        offset = torch.arange(int(cu_k[-1]), device=rows.device) - cu_k[:-1].long()[segment]
+        key_gather = rows[segment] * kv_length + first_key[segment] + offset
+        return VarlenPlan(
+            key_gather=key_gather,
+            kwargs={
+                "cu_seq_lens_q": cu_q,
+                "cu_seq_lens_k": cu_k,
+                "max_length_q": int(q_lengths.max()),
+                "max_length_k": int(k_lengths.max()),
+            },
+        )
 
     def to_sequence(self, query_states: torch.Tensor) -> torch.Tensor:
         """Per-slot states `[B, T, X]` -> `[B, S, X]` at their text rows, zeros at visual and padding rows."""

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_masks_for_generate
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_masks_for_generate, flash_attention_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.utils import logging
 
@@ -270,41 +270,51 @@ class SaisaModel(SaisaPreTrainedModel):
 
         features = self.get_image_features(pixel_values)
         layout = TokenLayout.build(is_visual, mask_2d, position_ids, past_length, self.config.image_seq_length)
-        hidden = inputs_embeds.shape[-1]
-        query_embeds = inputs_embeds.gather(1, layout.query_index[..., None].expand(-1, -1, hidden))
         policy = InjectedVisualKV(self, features, layout, precompute=checkpointing)
-        outputs = self.language_model(
-            inputs_embeds=query_embeds,
-            attention_mask=self._query_masks(layout, past_key_values, query_embeds.dtype),
-            position_ids=layout.query_positions,
-            past_key_values=VisualKVCache(past_key_values, layout, policy),
-            use_cache=use_cache,
-            **kwargs,
-        )
-        return SaisaModelOutputWithPast(
-            last_hidden_state=layout.to_sequence(outputs.last_hidden_state),
-            past_key_values=past_key_values if use_cache else None,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            query_hidden_states=outputs.last_hidden_state,
-            layout=layout,
-        )
-
-    def _query_masks(self, layout: TokenLayout, cache: Cache | None, dtype: torch.dtype):
-        """The prepared attention mask(s) for the query slots, for the backbone's attention backend."""
-        text_config = self.config.text_config
-        kv_length, kv_offset = (layout.past_length + layout.seq_length, 0)
-        if cache is not None:
-            kv_length, kv_offset = cache.get_mask_sizes(layout.seq_length, 0)
+        kv_length, kv_offset = (past_length + seq, 0)
+        if past_key_values is not None:
+            kv_length, kv_offset = past_key_values.get_mask_sizes(seq, 0)
         if kv_offset:
             raise NotImplementedError(
                 "A chunk with images on top of a sliding-window cache that already dropped tokens is not supported."
             )
         implementation = text_config._attn_implementation or "eager"
-        if implementation.startswith("flash_attention"):
-            raise NotImplementedError(
-                "flash-attention prefill with images is not implemented yet; use attn_implementation='sdpa'."
+        if ALL_MASK_ATTENTION_FUNCTIONS.get(implementation) in (None, flash_attention_mask):
+            # Varlen backends (flash-attention) take no 4-D mask: pack the text rows, one query run per sequence.
+            varlen = layout.varlen_plan(kv_length)
+            outputs = self.language_model(
+                inputs_embeds=layout.pack(inputs_embeds),
+                attention_mask=None,
+                position_ids=layout.pack(position_ids[..., None])[..., 0],
+                past_key_values=VisualKVCache(past_key_values, layout, policy, varlen),
+                use_cache=use_cache,
+                **varlen.kwargs,
+                **kwargs,
             )
+            query_hidden = layout.unpack(outputs.last_hidden_state)
+        else:
+            hidden = inputs_embeds.shape[-1]
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds.gather(1, layout.query_index[..., None].expand(-1, -1, hidden)),
+                attention_mask=self._query_masks(layout, implementation, kv_length, inputs_embeds.dtype),
+                position_ids=layout.query_positions,
+                past_key_values=VisualKVCache(past_key_values, layout, policy),
+                use_cache=use_cache,
+                **kwargs,
+            )
+            query_hidden = outputs.last_hidden_state
+        return SaisaModelOutputWithPast(
+            last_hidden_state=layout.to_sequence(query_hidden),
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            query_hidden_states=query_hidden,
+            layout=layout,
+        )
+
+    def _query_masks(self, layout: TokenLayout, implementation: str, kv_length: int, dtype: torch.dtype):
+        """The prepared attention mask(s) for the query slots, for the backbone's attention backend."""
+        text_config = self.config.text_config
         window = getattr(text_config, "sliding_window", None)
         if not self._backbone.mask_by_layer_type:
             return layout.attention_mask(implementation, kv_length, dtype, sliding_window=window)

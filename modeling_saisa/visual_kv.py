@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from modeling_saisa.backbones import backbone_spec, rotate_keys
-from modeling_saisa.layout import TokenLayout
+from modeling_saisa.layout import TokenLayout, VarlenPlan
 
 if TYPE_CHECKING:
     from modeling_saisa.modeling_saisa import SaisaModel
@@ -70,17 +70,23 @@ class InjectedVisualKV:
 class VisualKVCache(Cache):
     """The `past_key_values` the backbone sees during a chunk with visual tokens (a thin proxy, one per forward)."""
 
-    def __init__(self, cache: Cache | None, layout: TokenLayout, policy: VisualPolicy):
+    def __init__(
+        self, cache: Cache | None, layout: TokenLayout, policy: VisualPolicy, varlen: VarlenPlan | None = None
+    ):
         # Share the real cache's layer list, so its length/mask-size/sliding queries answer for the real cache.
         super().__init__(layers=cache.layers if cache is not None else [])
         self.cache = cache
         self.layout = layout
         self.policy = policy
+        self.varlen = varlen  # varlen backends (flash-attention): packed text rows in, packed per-run keys out
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         visual_keys, visual_values = self.policy.key_values(layer_idx)
-        keys = self.layout.merge(key_states, visual_keys)
-        values = self.layout.merge(value_states, visual_values)
-        if self.cache is None:
-            return keys, values
-        return self.cache.update(keys, values, layer_idx, *args, **kwargs)
+        packed = self.varlen is not None
+        keys = self.layout.merge(key_states, visual_keys, packed=packed)
+        values = self.layout.merge(value_states, visual_values, packed=packed)
+        if self.cache is not None:
+            keys, values = self.cache.update(keys, values, layer_idx, *args, **kwargs)
+        if packed:
+            keys, values = self.varlen.pack_keys(keys), self.varlen.pack_keys(values)
+        return keys, values
