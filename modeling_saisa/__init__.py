@@ -28,3 +28,9 @@ AutoModelForImageTextToText.register(SaisaConfig, SaisaForConditionalGeneration,
 # "pil" lets `AutoImageProcessor` / `AutoProcessor.from_pretrained(dir)` find it by its saved class name.
 AutoImageProcessor.register(SaisaConfig, image_processor_classes={"pil": SaisaImageProcessor}, exist_ok=True)
 AutoProcessor.register(SaisaConfig, SaisaProcessor, exist_ok=True)
+
+# `save_pretrained` writes `auto_map` and copies the defining modules, so a saved checkpoint also loads with
+# `trust_remote_code=True` wherever this package is installed.
+SaisaConfig.register_for_auto_class()
+SaisaModel.register_for_auto_class("AutoModel")
+SaisaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")

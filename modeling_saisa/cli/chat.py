@@ -1,0 +1,131 @@
+"""`saisa chat`: a multi-turn conversation in the terminal, with images added at any turn.
+
+Commands typed at the prompt: `/image PATH` attaches an image to your next message, `/reset` starts over,
+`/exit` (or end of input, Ctrl-D) quits. Every turn re-sends the whole conversation through the chat template, so
+the model sees the same layout as in training (earlier answers end with the template's end-of-turn token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, TextIO
+
+from modeling_saisa.cli._common import (
+    add_generation_arguments,
+    add_model_arguments,
+    check_image_file,
+    generation_kwargs,
+    load_model_and_processor,
+    make_streamer,
+    model_inputs,
+)
+
+__all__ = ["ChatSession", "register", "run"]
+
+HELP = "Commands: /image PATH adds an image to your next message, /reset clears the conversation, /exit quits."
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "chat",
+        help="multi-turn chat in the terminal (/image PATH adds an image)",
+        description="Chat with a saved SAISA model. " + HELP,
+    )
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--image", action="append", default=[], metavar="PATH", help="an image for the first message; repeatable"
+    )
+    add_generation_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+class ChatSession:
+    """The conversation state, separate from the terminal loop so that it can be driven and tested directly."""
+
+    def __init__(
+        self, model: Any, processor: Any, generate_kwargs: dict[str, Any], stream: TextIO | None = None
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.generate_kwargs = generate_kwargs
+        self.stream = stream  # where answers are streamed (None: the current sys.stdout)
+        self.messages: list[dict[str, Any]] = []
+        self.pending_images: list[str] = []
+
+    def add_image(self, path: str) -> None:
+        """Attach `path` to the next user message (checked now, so a typo is reported at once)."""
+        self.pending_images.append(check_image_file(path))
+
+    def reset(self) -> None:
+        self.messages.clear()
+        self.pending_images.clear()
+
+    def ask(self, text: str) -> str:
+        """Send one user message (with the pending images), stream the answer, remember and return it."""
+        content = [{"type": "image", "path": path} for path in self.pending_images]
+        content.append({"type": "text", "text": text})
+        turn = {"role": "user", "content": content}
+        inputs = model_inputs(self.processor, self.model, [*self.messages, turn])
+        output = self.model.generate(
+            **inputs, streamer=make_streamer(self.processor, self.stream), **self.generate_kwargs
+        )
+        new_tokens = output[0, inputs["input_ids"].shape[1] :]
+        answer = self.processor.decode(new_tokens, skip_special_tokens=True).strip()
+        self.messages += [turn, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        self.pending_images = []
+        return answer
+
+
+def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
+    """Read lines until `/exit` or end of input; a bad image path or message is reported and the chat goes on."""
+    print(HELP, file=stderr)
+    session.stream = stdout
+    while True:
+        stdout.write("USER: ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line:  # end of input
+            stdout.write("\n")
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            session.reset()
+            print("(conversation cleared)", file=stderr)
+            continue
+        if line == "/image" or line.startswith("/image "):
+            path = line[len("/image") :].strip()
+            try:
+                if not path:
+                    raise ValueError("usage: /image PATH")
+                session.add_image(path)
+            except (ValueError, OSError) as err:
+                print(f"error: {err}", file=stderr)
+            else:
+                print(f"(image {path} will go with your next message)", file=stderr)
+            continue
+        if line.startswith("/"):
+            print(f"error: unknown command {line.split()[0]!r}. {HELP}", file=stderr)
+            continue
+        stdout.write("ASSISTANT: ")
+        stdout.flush()
+        try:
+            session.ask(line)
+        except (ValueError, OSError) as err:
+            session.pending_images = []
+            print(f"\nerror: {err}", file=stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    kwargs = generation_kwargs(args)
+    for path in args.image:
+        check_image_file(path)
+    model, processor = load_model_and_processor(args)
+    session = ChatSession(model, processor, kwargs)
+    for path in args.image:
+        session.add_image(path)
+    return chat_loop(session, sys.stdin, sys.stdout, sys.stderr)
