@@ -51,7 +51,15 @@ def test_trust_remote_code_in_a_fresh_process(tmp_path):
     model = tiny_model()
     ids, mask, px = make_batch([[3, "img", 2]], "left")
     model.save_pretrained(tmp_path / "ckpt")
-    torch.save({"ids": ids, "mask": mask, "px": px, "logits": _logits(model, dict(input_ids=ids, attention_mask=mask, pixel_values=px))}, tmp_path / "ref.pt")
+    torch.save(
+        {
+            "ids": ids,
+            "mask": mask,
+            "px": px,
+            "logits": _logits(model, dict(input_ids=ids, attention_mask=mask, pixel_values=px)),
+        },
+        tmp_path / "ref.pt",
+    )
     script = textwrap.dedent(
         f"""
         import sys, torch

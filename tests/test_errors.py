@@ -60,7 +60,9 @@ def test_exactly_one_of_ids_or_embeds(model):
 def test_unsupported_backbone_names_the_supported_ones():
     from tiny import tiny_config
 
-    with pytest.raises(ValueError, match=r"\['llama', 'mistral', 'qwen2', 'qwen3'\]; got text_config.model_type='gpt2'"):
+    with pytest.raises(
+        ValueError, match=r"\['llama', 'mistral', 'qwen2', 'qwen3'\]; got text_config.model_type='gpt2'"
+    ):
         tiny_config(text_config={"model_type": "gpt2"})
     with pytest.raises(ValueError, match=r"vision towers .*got vision_config.model_type='vit'"):
         tiny_config(vision_config={"model_type": "vit"})

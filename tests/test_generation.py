@@ -113,7 +113,9 @@ def test_batch_equals_rows_alone(model):
 def test_decode_steps_are_plain_decoder_steps(model):
     """The vision tower and the projectors run once per prompt (prefill); decode steps never touch them."""
     calls = {"vision": 0, "projector": 0}
-    hooks = [model.model.vision_tower.register_forward_hook(lambda *a: calls.__setitem__("vision", calls["vision"] + 1))]
+    hooks = [
+        model.model.vision_tower.register_forward_hook(lambda *a: calls.__setitem__("vision", calls["vision"] + 1))
+    ]
     for projector in model.model.multi_modal_projector:
         hooks.append(projector.register_forward_hook(lambda *a: calls.__setitem__("projector", calls["projector"] + 1)))
     ids, mask, px = make_batch(ROWS, "left")

@@ -69,7 +69,9 @@ def test_frozen_vision_tower_gets_no_gradients():
     model = tiny_model(attn="sdpa").train()
     model.model.vision_tower.requires_grad_(False)
     ids, mask, px = make_batch(ROWS, "left")
-    _, grads = _loss_and_grads(model, dict(input_ids=ids, attention_mask=mask, pixel_values=px, labels=_labels(ids, mask)))
+    _, grads = _loss_and_grads(
+        model, dict(input_ids=ids, attention_mask=mask, pixel_values=px, labels=_labels(ids, mask))
+    )
     assert not any(name.startswith("model.vision_tower") for name in grads)
     assert "model.multi_modal_projector.0.linear_2.weight" in grads
 
@@ -80,5 +82,7 @@ def test_num_items_in_batch_is_honoured():
     labels = _labels(ids, mask)
     mean = model(input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels).loss
     total = model(input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels, num_items_in_batch=1).loss
-    n = int((model.model(input_ids=ids, attention_mask=mask, pixel_values=px).layout.shift_labels(labels) != -100).sum())
+    n = int(
+        (model.model(input_ids=ids, attention_mask=mask, pixel_values=px).layout.shift_labels(labels) != -100).sum()
+    )
     assert torch.allclose(total, mean * n, rtol=1e-5)
