@@ -149,3 +149,12 @@ def test_prompt_ending_in_placeholders_is_rejected(model):
     ids, mask, px = make_batch([[3, "img"]], "left")
     with pytest.raises(ValueError, match="ends in image placeholders"):
         model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, **GEN)
+
+
+def test_inputs_embeds_prompt_equals_input_ids(model):
+    """Placeholders are found by their embedding when only `inputs_embeds` is given (as in Llava)."""
+    ids, mask, px = make_batch([[3, "img", 2]], "left")
+    embeds = model.get_input_embeddings()(ids).detach()
+    by_ids = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, do_sample=False, **GEN)
+    by_embeds = model.generate(inputs_embeds=embeds, attention_mask=mask, pixel_values=px, do_sample=False, **GEN)
+    assert torch.equal(_new(by_ids, ids), by_embeds)
