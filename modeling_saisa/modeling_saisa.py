@@ -337,6 +337,35 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
+    @classmethod
+    def from_vision_text_pretrained(
+        cls,
+        vision: str,
+        text: str,
+        *,
+        chat_template: str = "vicuna_v1",
+        dtype: torch.dtype | str | None = None,
+        pad_to_square: bool = True,
+        **config_overrides,
+    ):
+        """Compose a new SAISA from a pretrained vision encoder and a causal LM (the start of stage-1 training).
+
+        `vision`: a CLIP / SigLIP directory or hub id; `text`: a Llama / Mistral / Qwen2 / Qwen3 causal LM. The
+        projectors are new (one shared projector unless `shared_projector=False`). Returns `(model, processor)`:
+        the processor is composed too (the LM's tokenizer + `<image>`, the encoder's image processor, the template).
+        """
+        from modeling_saisa.compose import compose_from_pretrained
+
+        return compose_from_pretrained(
+            vision,
+            text,
+            chat_template=chat_template,
+            dtype=dtype,
+            pad_to_square=pad_to_square,
+            model_class=cls,
+            **config_overrides,
+        )
+
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
