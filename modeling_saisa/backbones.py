@@ -58,11 +58,14 @@ def backbone_spec(model_type: str) -> BackboneSpec:
 
 
 def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int = 2) -> torch.Tensor:
-    """RoPE on keys only, in the half-rotation form all four backbones use.
+    """RoPE on keys only, in place, in the half-rotation form all four backbones use.
 
-    `keys` `[N, n_v, H, D]` (heads at `head_dim`), cos/sin `[N, n_v, D]` from the backbone's own `rotary_emb`.
+    `keys` `[N, n_v, H, D]` (heads at `head_dim`), cos/sin `[N, n_v, D]` from the backbone's own `rotary_emb`. In
+    place because these are the largest temporaries of a SAISA prefill (every layer's visual keys); autograd allows
+    it (the projection that made `keys` does not need its output for backward).
     """
-    cos, sin = cos.unsqueeze(head_dim), sin.unsqueeze(head_dim)
     half = keys.shape[-1] // 2
-    rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
-    return keys * cos + rotated * sin
+    rotated = keys.roll(half, dims=-1)  # [x2, x1]
+    rotated[..., :half].neg_()  # [-x2, x1]
+    rotated.mul_(sin.unsqueeze(head_dim))
+    return keys.mul_(cos.unsqueeze(head_dim)).add_(rotated)

@@ -47,6 +47,7 @@ class TokenLayout:
     query_source: torch.Tensor  # [n_text] flat slot index b*T+t of every used slot
     text_target: torch.Tensor  # [n_text] flat sequence index b*S+s of the same rows
     visual_target: torch.Tensor  # [n_visual] flat sequence index of every visual row, image-major
+    padding_target: torch.Tensor  # [n_padding] flat sequence index of every padding row
     visual_positions: torch.Tensor  # [n_images, n_v] position ids of the visual rows
     key_valid: torch.Tensor  # [B, past_length + S] bool: the key is not padding
     ends_with_image: torch.Tensor  # [B] bool: the row's last non-padding token is visual
@@ -77,6 +78,7 @@ class TokenLayout:
         row_offsets = torch.arange(batch, device=order.device)[:, None] * seq
         text_target = (query_index + row_offsets).flatten()[query_source]
         visual_target = is_visual.flatten().nonzero().squeeze(1)
+        padding_target = (~(is_text | is_visual)).flatten().nonzero().squeeze(1)
         visual_positions = position_ids.flatten()[visual_target].view(-1, image_seq_length)
         # Last non-padding row of each chunk row (right or left padding alike).
         chunk_valid = key_valid[:, past_length:]
@@ -91,6 +93,7 @@ class TokenLayout:
             query_source=query_source,
             text_target=text_target,
             visual_target=visual_target,
+            padding_target=padding_target,
             visual_positions=visual_positions,
             key_valid=key_valid,
             ends_with_image=ends_with_image,
@@ -110,13 +113,15 @@ class TokenLayout:
         _, heads, _, dim = text_states.shape
         rows = text_states.transpose(1, 2).flatten(0, 1)
         rows = rows if packed else rows[self.query_source]
-        merged = rows.new_zeros(self.batch_size * self.seq_length, heads, dim)
+        merged = rows.new_empty(self.batch_size * self.seq_length, heads, dim)
+        if self.padding_target.numel():
+            merged.index_fill_(0, self.padding_target, 0.0)
         merged.index_copy_(0, self.text_target, rows)
         merged.index_copy_(0, self.visual_target, visual_states.to(merged.dtype))
         return merged.view(self.batch_size, self.seq_length, heads, dim).transpose(1, 2)
 
     def pack(self, per_sequence: torch.Tensor) -> torch.Tensor:
-        """`[B, S, X]` -> the text rows packed row-major `[1, n_text, X]` (the varlen backends' query layout)."""
+        """`[B, S, ...]` -> the text rows packed row-major `[1, n_text, ...]` (the varlen backends' query layout)."""
         return per_sequence.flatten(0, 1)[self.text_target][None]
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:

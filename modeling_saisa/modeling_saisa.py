@@ -140,7 +140,8 @@ class SaisaModel(SaisaPreTrainedModel):
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         self.check_pixel_values(pixel_values)
         dtype = next(self.vision_tower.parameters()).dtype
-        outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
+        # Asking for one hidden-state index keeps only that one (transformers' output capturing), as Llava does.
+        outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=[layer], return_dict=True)
         features = outputs.hidden_states[layer]
         if strategy == "default":
             features = features[:, 1:]
@@ -158,7 +159,7 @@ class SaisaModel(SaisaPreTrainedModel):
     def placeholder_mask(
         self,
         input_ids: torch.LongTensor | None,
-        inputs_embeds: torch.Tensor,
+        inputs_embeds: torch.Tensor | None,
         pixel_values: torch.Tensor | None,
         past_length: int,
     ) -> torch.Tensor | None:
@@ -244,9 +245,8 @@ class SaisaModel(SaisaPreTrainedModel):
                 f"max_position_embeddings={max_positions}."
             )
 
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
         is_visual = self.placeholder_mask(input_ids, inputs_embeds, pixel_values, past_length)
+        embed = self.get_input_embeddings()
         if is_visual is None:
             if pixel_values is not None:
                 raise ValueError(
@@ -254,7 +254,7 @@ class SaisaModel(SaisaPreTrainedModel):
                 )
             # Text-only chunk (a decode step, a continuation, a text-only batch): the backbone, untouched.
             outputs = self.language_model(
-                inputs_embeds=inputs_embeds,
+                inputs_embeds=embed(input_ids) if inputs_embeds is None else inputs_embeds,
                 attention_mask=attention_mask if attention_mask is not None else mask_2d,
                 position_ids=position_ids,
                 past_key_values=past_key_values,
@@ -279,13 +279,14 @@ class SaisaModel(SaisaPreTrainedModel):
                 "A chunk with images on top of a sliding-window cache that already dropped tokens is not supported."
             )
         implementation = text_config._attn_implementation or "eager"
+        # Only text rows are embedded (or kept, for `inputs_embeds`): placeholders never enter the backbone.
         if ALL_MASK_ATTENTION_FUNCTIONS.get(implementation) in (None, flash_attention_mask):
             # Varlen backends (flash-attention) take no 4-D mask: pack the text rows, one query run per sequence.
             varlen = layout.varlen_plan(kv_length)
             outputs = self.language_model(
-                inputs_embeds=layout.pack(inputs_embeds),
+                inputs_embeds=embed(layout.pack(input_ids)) if inputs_embeds is None else layout.pack(inputs_embeds),
                 attention_mask=None,
-                position_ids=layout.pack(position_ids[..., None])[..., 0],
+                position_ids=layout.pack(position_ids),
                 past_key_values=VisualKVCache(past_key_values, layout, policy, varlen),
                 use_cache=use_cache,
                 **varlen.kwargs,
@@ -293,10 +294,14 @@ class SaisaModel(SaisaPreTrainedModel):
             )
             query_hidden = layout.unpack(outputs.last_hidden_state)
         else:
-            hidden = inputs_embeds.shape[-1]
+            if inputs_embeds is None:
+                query_embeds = embed(input_ids.gather(1, layout.query_index))
+            else:
+                index = layout.query_index[..., None].expand(-1, -1, inputs_embeds.shape[-1])
+                query_embeds = inputs_embeds.gather(1, index)
             outputs = self.language_model(
-                inputs_embeds=inputs_embeds.gather(1, layout.query_index[..., None].expand(-1, -1, hidden)),
-                attention_mask=self._query_masks(layout, implementation, kv_length, inputs_embeds.dtype),
+                inputs_embeds=query_embeds,
+                attention_mask=self._query_masks(layout, implementation, kv_length, query_embeds.dtype),
                 position_ids=layout.query_positions,
                 past_key_values=VisualKVCache(past_key_values, layout, policy),
                 use_cache=use_cache,

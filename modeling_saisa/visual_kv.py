@@ -48,6 +48,8 @@ class InjectedVisualKV:
         self.layers = model.language_model.layers
         # RoPE tables at the visual positions: the backbone's own rotary embedding, shared by all layers.
         self.cos, self.sin = model.language_model.rotary_emb(features, position_ids=layout.visual_positions)
+        # A shared projector (stage 1) feeds every layer the same rows: project once per forward.
+        self._shared = model.project(features, 0) if model.config.shared_projector else None
         self._precomputed = [self._compute(i) for i in range(len(self.layers))] if precompute else None
 
     def key_values(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,10 +59,12 @@ class InjectedVisualKV:
 
     def _compute(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         norm, k_proj, v_proj, k_norm = self.spec.kv_parts(self.layers[layer_idx])
-        hidden = norm(self.model.project(self.features, layer_idx))  # [N, n_v, h]
-        n_images, n_v, _ = hidden.shape
-        keys = k_proj(hidden).view(n_images, n_v, -1, self.cos.shape[-1])
-        values = v_proj(hidden).view(n_images, n_v, -1, self.cos.shape[-1])
+        projected = self._shared if self._shared is not None else self.model.project(self.features, layer_idx)
+        hidden = norm(projected)  # [N, n_v, h]
+        head_dim = self.cos.shape[-1]
+        keys = k_proj(hidden).unflatten(-1, (-1, head_dim))
+        values = v_proj(hidden).unflatten(-1, (-1, head_dim))
+        del hidden  # the normed rows are the biggest temporary here: free them before RoPE
         if k_norm is not None:
             keys = k_norm(keys)
         keys = rotate_keys(keys, self.cos.to(keys.dtype), self.sin.to(keys.dtype))

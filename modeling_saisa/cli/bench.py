@@ -1,0 +1,54 @@
+"""`saisa bench`: SAISA vs transformers' LLaVA on this machine (prefill, decode, training step, memory).
+
+The measuring code lives in `modeling_saisa.benchmark`; `benchmarks/bench.py` is the same command as a script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["add_arguments", "register", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="a smaller shape that runs in under a minute")
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    parser.add_argument("--out", metavar="DIR", default=None, help="write bench_results.json and bench_ratios.png")
+    parser.add_argument("--repeats", type=int, default=None, metavar="N", help="timed runs per measurement")
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch intra-op threads")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="benchmark SAISA against transformers' LLaVA on this CPU",
+        description=(
+            "Builds LLaVA and SAISA with the same shapes and weights in one process and measures prefill (LLM part "
+            "and end to end), decode per token, a training step and peak prefill memory, A/B interleaved, beside "
+            "the analytic FLOPs ratios. Progress goes to stderr."
+        ),
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from modeling_saisa.benchmark import DEFAULT, QUICK, format_table, run_benchmark, write_outputs
+
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError("--repeats must be at least 1")
+    results = run_benchmark(QUICK if args.quick else DEFAULT, repeats=args.repeats, threads=args.threads)
+    if args.out:
+        paths = write_outputs(results, args.out)
+        print(f"[saisa bench] wrote {paths['json']} and {paths['png']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results, indent=2, default=float))
+    else:
+        print(format_table(results))
+        print(
+            f"\nmatmul-only LLM-part ratio on this machine: {results['matmul_only_llm_ratio']:.3f}; "
+            f"elapsed {results['elapsed_s']:.0f} s"
+        )
+    return 0

@@ -1,0 +1,43 @@
+"""Smoke test of `saisa bench --quick`: every figure is produced and finite (no timing is asserted: CI machines are
+noisy; the targets are judged in docs/benchmarks.md from a real run)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from modeling_saisa.cli import main as cli_main
+
+RATIO_KEYS = (
+    "prefill_llm_ratio",
+    "prefill_ratio",
+    "decode_ratio",
+    "train_step_ratio",
+    "peak_memory_ratio",
+    "analytic_llm_ratio",
+    "analytic_prefill_ratio",
+    "analytic_train_ratio",
+)
+
+
+@pytest.mark.slow
+def test_quick_bench_produces_finite_figures(tmp_path, capsys) -> None:
+    assert cli_main(["bench", "--quick", "--json", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
+    results = json.loads(capsys.readouterr().out)
+    for key in RATIO_KEYS:
+        assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0, key
+    # The analytic ratios of this shape: SAISA must be cheaper on paper, in every phase but decode.
+    assert results["analytic_llm_ratio"] < results["analytic_prefill_ratio"] < 1
+    assert results["analytic_train_ratio"] < 1
+    assert results["decode_cache_length"]["saisa"] == results["decode_cache_length"]["llava"]
+    assert set(results["targets"]) == {
+        "prefill_llm_ratio",
+        "prefill_ratio",
+        "train_step_ratio",
+        "decode_ratio",
+        "peak_memory_ratio",
+    }
+    assert json.loads((tmp_path / "bench_results.json").read_text())["prefill_ratio"] == results["prefill_ratio"]
+    assert (tmp_path / "bench_ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

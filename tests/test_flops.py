@@ -1,0 +1,258 @@
+"""The analytic FLOPs count: published figures, and a cross-check against `torch.utils.flop_counter`.
+
+How `FlopCounterMode` maps onto the papers' convention (also in docs/benchmarks.md):
+
+- Both count 2 x MACs of matrix products only: `aten.mm` / `addmm` / `bmm` / `baddbmm` / `convolution` (bias adds,
+  norms, activations, softmax, RoPE, embeddings, gathers are 0 in both).
+- Attention: with `attn_implementation="eager"` the two attention products are `matmul`s over the full key range,
+  so the counter gives exactly ``4 * q_rows * k_rows * n_heads * head_dim`` - the papers' uncausal-halved term
+  (GQA keys are repeated to the query heads before the product, so GQA does not reduce it). On CPU,
+  `sdpa` dispatches to `aten._scaled_dot_product_flash_attention_for_cpu`, which the counter has no formula for:
+  it counts attention as **0** there (on CUDA it counts the sdpa kernels in full, causal or not). The tests
+  therefore run eager attention.
+- Backward: each `mm` whose input needs a gradient counts twice its forward (grad-input + grad-weight); a first
+  layer reading a frozen tensor (the projectors' `linear_1` on frozen vision features) counts once; eager
+  attention's products count twice. That is the "3 x forward for trained parts, forward only for the frozen
+  tower" estimate of `llava_train_flops` / `saisa_train_flops`, exactly. (The counter's per-module split of
+  backward FLOPs is unreliable - backward of one module is charged to modules that are still "open" - so the
+  tests compare the global total and only use per-module counts of forward passes.)
+- The counter counts everything that runs: vision tower and `lm_head` too. The tests subtract the forward-only
+  per-module counts of `vision_tower` and `lm_head` (both checked against their own formulas) to isolate the
+  papers' quantity (decoder + projectors).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModel, LlavaConfig, LlavaForConditionalGeneration
+
+from modeling_saisa import flops as F
+from modeling_saisa.cli import main as cli_main
+
+T, V = 64, 576
+
+
+# ------------------------------------------------------------------ published figures (spec §5)
+def test_llava_15_7b_dense() -> None:
+    assert round(F.flops_report("llava-1.5-7b", T, V)["dense"] / 1e12, 2) == 8.50
+
+
+def test_saisa_7b_with_and_without_projectors() -> None:
+    r = F.flops_report("llava-1.5-7b", T, V)
+    assert round(r["saisa"] / 1e12, 2) == 2.86
+    assert round(r["saisa_llm_only"] / 1e12, 2) == 2.09
+    assert round(100 * r["saisa_reduction"], 1) == 66.4
+
+
+def test_llava_15_13b_dense() -> None:
+    assert round(F.flops_report("llava-1.5-13b", T, V)["dense"] / 1e12, 1) == 16.6
+
+
+def test_shortv_19_layers_on_7b() -> None:
+    r = F.flops_report("llava-1.5-7b", T, V, shortv_layers=19)
+    assert round(r["shortv"] / 1e12, 1) == 4.7
+
+
+def test_llava_next_counts_2880_visual_tokens() -> None:
+    r = F.flops_report("llava-next-7b")
+    assert r["visual_tokens"] == 2880 and r["shape"]["images"] == 5
+    assert r["dense"] == 32 * (2 * 2944 * (4 * 4096 + 3 * 11008) * 4096 + 4 * 2944**2 * 4096)
+
+
+def test_mha_reduces_to_the_papers_formulas() -> None:
+    s, h, m = F.PRESETS["llava-1.5-7b"].text, 4096, 11008
+    assert F.dense_layer_flops(s, T, V) == 2 * (T + V) * (4 * h + 3 * m) * h + 4 * (T + V) ** 2 * h
+    assert F.kv_only_layer_flops(s, T, V) == 2 * T * (4 * h + 3 * m) * h + 4 * V * h * h + 4 * T * (T + V) * h
+    assert F.projector_flops(1024, h, V) == 2 * V * (1024 * h + h * h)
+
+
+def test_gqa_scales_every_kv_projection() -> None:
+    mha = F.TextShape(hidden=4096, intermediate=14336, layers=32, n_heads=32, n_kv_heads=32, head_dim=128)
+    gqa = F.TextShape(hidden=4096, intermediate=14336, layers=32, n_heads=32, n_kv_heads=8, head_dim=128)
+    h, kv_ratio = 4096, 8 / 32
+    # the visual k/v term 4vh^2 scales by n_kv/n_heads ...
+    visual_kv = 4 * V * h * h
+    text_kv = 2 * T * 2 * h * h  # ... and so do the text rows' k/v projections (2 of the "4h")
+    assert F.kv_only_layer_flops(mha, T, V) - F.kv_only_layer_flops(gqa, T, V) == (visual_kv + text_kv) * (1 - kv_ratio)
+    assert F.dense_layer_flops(mha, T, V) - F.dense_layer_flops(gqa, T, V) == 2 * (T + V) * 2 * h * h * (1 - kv_ratio)
+
+
+def test_report_rejects_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="unknown preset"):
+        F.model_shape("llava-9b")
+    with pytest.raises(ValueError, match="KV-only layers"):
+        F.flops_report("llava-1.5-7b", shortv_layers=33)
+
+
+# ------------------------------------------------------------------ shapes from configs
+def test_shape_from_llava_config_and_json(tmp_path) -> None:
+    cfg = LlavaConfig()  # llava-1.5-7b defaults: CLIP-L/336 + Llama-7B shape
+    assert F.model_shape(cfg) == F.PRESETS["llava-1.5-7b"]
+    cfg.save_pretrained(tmp_path)
+    assert F.model_shape(str(tmp_path)) == F.PRESETS["llava-1.5-7b"]
+    assert F.model_shape(tmp_path / "config.json") == F.PRESETS["llava-1.5-7b"]
+
+
+def test_shape_from_original_saisa_checkpoint_config(tmp_path) -> None:
+    raw = dict(
+        model_type="llava_llama",
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        mm_hidden_size=1024,
+        mm_vision_tower="openai/clip-vit-large-patch14-336",
+    )
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert F.model_shape(str(tmp_path)) == F.PRESETS["llava-1.5-7b"]
+
+
+def test_cli_json(capsys) -> None:
+    assert cli_main(["flops", "--json", "--preset", "llava-1.5-7b", "--shortv-layers", "19"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"dense", "saisa", "saisa_llm_only", "shortv"} <= set(out)
+    assert all(isinstance(out[k], int | float) for k in ("dense", "saisa", "saisa_llm_only"))
+    assert round(out["saisa"] / 1e12, 2) == 2.86
+
+
+def test_cli_table_and_errors(capsys) -> None:
+    assert cli_main(["flops", "--text-tokens", "128"]) == 0
+    assert "SAISA (LLM + projectors)" in capsys.readouterr().out
+    assert cli_main(["flops", "--model", "/nonexistent/dir"]) == 2
+
+
+# ------------------------------------------------------------------ FlopCounterMode cross-checks
+def _count(fn) -> tuple[int, dict[str, int]]:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    return counter.get_total_flops(), per_module
+
+
+def _text_config(**overrides) -> dict:
+    base = dict(
+        model_type="llama",
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return {**base, **overrides}
+
+
+@pytest.mark.parametrize(
+    "text_kw",
+    [dict(num_key_value_heads=4), dict(), dict(model_type="qwen3", head_dim=16)],  # MHA, GQA, q_dim != hidden
+    ids=["mha", "gqa", "qwen3-head-dim"],
+)
+def test_dense_formula_matches_flop_counter_on_a_plain_decoder(text_kw: dict) -> None:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(**_text_config(**text_kw))
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = AutoModel.from_config(cfg).eval()
+    n = 23
+    with torch.no_grad():
+        counted, _ = _count(lambda: model(input_ids=torch.randint(3, 90, (1, n))))
+    shape = F.model_shape(cfg).text
+    # dense layer on n rows == kv-only formula with every row a text row
+    assert counted == cfg.num_hidden_layers * F.dense_layer_flops(shape, n, 0)
+    assert F.dense_layer_flops(shape, 7, 16) == F.dense_layer_flops(shape, 23, 0)
+
+
+def _llava(eager: bool = True) -> LlavaForConditionalGeneration:
+    cfg = LlavaConfig(
+        text_config=_text_config(),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=24,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=8,
+            patch_size=2,
+        ),
+        image_token_id=98,
+        image_seq_length=16,
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg)
+    model.set_attn_implementation("eager")
+    return model
+
+
+def _prompt(image_token_id: int = 98, n_v: int = 16) -> torch.Tensor:
+    return torch.tensor([[1, 5, 6] + [image_token_id] * n_v + [7, 8, 9, 10]])  # t = 7 text tokens
+
+
+def test_llava_prefill_and_train_step_match_flop_counter() -> None:
+    model = _llava().eval()
+    ids, px = _prompt(), torch.randn(1, 3, 8, 8)
+    shape = F.model_shape(model.config)
+    t, v = 7, 16
+    with torch.no_grad():
+        total, per = _count(lambda: model(input_ids=ids, pixel_values=px))
+    expected = F.llava_prefill_flops(shape, t, v, lm_head_rows=t + v)  # a plain forward computes every logit
+    assert per["LlavaForConditionalGeneration.model.vision_tower"] == expected.vision
+    assert per["LlavaForConditionalGeneration.model.multi_modal_projector"] == expected.projector
+    assert per["LlavaForConditionalGeneration.model.language_model"] == expected.llm
+    assert per["LlavaForConditionalGeneration.lm_head"] == expected.lm_head
+    assert total == expected.total
+
+    model.train()
+    model.model.vision_tower.requires_grad_(False)
+    total, _ = _count(lambda: model(input_ids=ids, pixel_values=px, labels=ids).loss.backward())
+    assert total == F.llava_train_flops(shape, t, v).total
+
+
+def _saisa_model():
+    tiny = pytest.importorskip("tiny", reason="tests/tiny.py needs the SAISA model")
+    return tiny, tiny.tiny_model(attn="eager")
+
+
+def test_saisa_prefill_matches_flop_counter() -> None:
+    """The real SAISA model executes exactly the papers' KV-only count: no visual q/o/FFN/attention rows."""
+    tiny, model = _saisa_model()
+    cfg = model.config
+    v = cfg.image_seq_length
+    ids = _prompt(tiny.IMAGE_TOKEN_ID, v)
+    t = ids.shape[1] - v
+    px = torch.randn(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)
+    shape = F.model_shape(cfg)
+    with torch.no_grad():
+        total, per = _count(lambda: model(input_ids=ids, pixel_values=px, logits_to_keep=1))
+    expected = F.saisa_prefill_flops(shape, t, v, lm_head_rows=1)
+    vision = per["SaisaForConditionalGeneration.model.vision_tower"]
+    lm_head = per["SaisaForConditionalGeneration.lm_head"]
+    assert vision == expected.vision
+    assert lm_head == expected.lm_head
+    assert total - vision - lm_head == expected.llm_and_projector
+
+
+def test_saisa_train_step_matches_flop_counter() -> None:
+    tiny, model = _saisa_model()
+    cfg = model.config
+    v = cfg.image_seq_length
+    ids = _prompt(tiny.IMAGE_TOKEN_ID, v)
+    t = ids.shape[1] - v
+    px = torch.randn(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)
+    model.train()
+    model.model.vision_tower.requires_grad_(False)
+    labels = ids.masked_fill(ids == tiny.IMAGE_TOKEN_ID, -100)
+    rows: list[int] = []  # lm_head's input rows: an implementation choice (text rows only is the ideal, `t`)
+    hook = model.lm_head.register_forward_hook(lambda _m, args, _out: rows.append(args[0][..., 0].numel()))
+    total, _ = _count(lambda: model(input_ids=ids, pixel_values=px, labels=labels).loss.backward())
+    hook.remove()
+    shape = F.model_shape(cfg)
+    expected = F.saisa_train_flops(shape, t, v)
+    assert total == expected.vision + expected.llm + expected.projector + 3 * F.lm_head_flops(shape.text, rows[0])
+    assert rows == [t], "SAISA should compute logits at the text rows only"
