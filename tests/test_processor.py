@@ -21,6 +21,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import AutoProcessor, AutoTokenizer, CLIPImageProcessorPil, TokenizersBackend
+
+import modeling_saisa
 from modeling_saisa.processing import (
     CHAT_TEMPLATE_NAMES,
     SaisaImageProcessor,
@@ -28,9 +31,6 @@ from modeling_saisa.processing import (
     load_chat_template,
     pad_fill_color,
 )
-from transformers import AutoProcessor, AutoTokenizer, CLIPImageProcessorPil, TokenizersBackend
-
-import modeling_saisa
 from modeling_saisa.tokenizers import add_image_token, build_word_tokenizer, split_words
 
 SYSTEM = (
