@@ -271,6 +271,7 @@ class SaisaModel(SaisaPreTrainedModel):
         features = self.get_image_features(pixel_values)
         layout = TokenLayout.build(is_visual, mask_2d, position_ids, past_length, self.config.image_seq_length)
         policy = InjectedVisualKV(self, features, layout, precompute=checkpointing)
+        del features  # the policy owns f from here and frees it as soon as the last layer is served
         kv_length, kv_offset = (past_length + seq, 0)
         if past_key_values is not None:
             kv_length, kv_offset = past_key_values.get_mask_sizes(seq, 0)

@@ -55,12 +55,16 @@ class InjectedVisualKV:
     def key_values(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._precomputed is not None:
             return self._precomputed[layer_idx]
-        return self._compute(layer_idx)
+        keys_values = self._compute(layer_idx)
+        if layer_idx == len(self.layers) - 1:
+            # The last layer has its K/V: let go of f now, before the cache copies them (the prefill's peak).
+            self.features = self._shared = None
+        return keys_values
 
     def _compute(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         norm, k_proj, v_proj, k_norm = self.spec.kv_parts(self.layers[layer_idx])
-        projected = self._shared if self._shared is not None else self.model.project(self.features, layer_idx)
-        hidden = norm(projected)  # [N, n_v, h]
+        # E_l = P_l(f) through the layer's own norm (no name kept for E_l: it dies as soon as it is normed).
+        hidden = norm(self._shared if self._shared is not None else self.model.project(self.features, layer_idx))
         head_dim = self.cos.shape[-1]
         keys = k_proj(hidden).unflatten(-1, (-1, head_dim))
         values = v_proj(hidden).unflatten(-1, (-1, head_dim))
@@ -89,6 +93,7 @@ class VisualKVCache(Cache):
         packed = self.varlen is not None
         keys = self.layout.merge(key_states, visual_keys, packed=packed)
         values = self.layout.merge(value_states, visual_values, packed=packed)
+        del visual_keys, visual_values  # the cache copies the merged K/V next: keep only one visual copy alive
         if self.cache is not None:
             keys, values = self.cache.update(keys, values, layer_idx, *args, **kwargs)
         if packed:
