@@ -71,7 +71,8 @@ def test_trust_remote_code_in_a_fresh_process(tmp_path):
         ref = torch.load({str(tmp_path / "ref.pt")!r})
         with torch.no_grad():
             logits = model(input_ids=ref["ids"], attention_mask=ref["mask"], pixel_values=ref["px"]).logits
-        assert torch.equal(logits, ref["logits"])
+        # another process may run other GEMM kernels / thread counts: equal up to float rounding
+        torch.testing.assert_close(logits, ref["logits"], atol=1e-6, rtol=0)
         print("remote-ok")
         """
     )
