@@ -58,31 +58,20 @@ SHARED_PROJECTOR_FILE = "shared_projector.safetensors"
 
 #: Vision configs of the towers the original SAISA names, for checkpoints that carry the tower's weights but whose
 #: `mm_vision_tower` cannot be fetched (offline). Values from the public `config.json` of those repos.
+_CLIP_VIT_L14: dict[str, Any] = dict(
+    model_type="clip_vision_model",
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    patch_size=14,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
 KNOWN_VISION_TOWERS: dict[str, dict[str, Any]] = {
-    "openai/clip-vit-large-patch14-336": dict(
-        model_type="clip_vision_model",
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        patch_size=14,
-        image_size=336,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-    ),
-    "openai/clip-vit-large-patch14": dict(
-        model_type="clip_vision_model",
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        patch_size=14,
-        image_size=224,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-    ),
+    "openai/clip-vit-large-patch14-336": {**_CLIP_VIT_L14, "image_size": 336},
+    "openai/clip-vit-large-patch14": {**_CLIP_VIT_L14, "image_size": 224},
 }
 
 ORIGINAL_MODEL_TYPES = ("llava_llama",)
