@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tiny import IMAGE_TOKEN_ID, PAD_TOKEN_ID, VOCAB, make_batch, tiny_model
 from transformers import PreTrainedTokenizerFast, TextStreamer
 
@@ -158,3 +160,18 @@ def test_inputs_embeds_prompt_equals_input_ids(model):
     by_ids = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, do_sample=False, **GEN)
     by_embeds = model.generate(inputs_embeds=embeds, attention_mask=mask, pixel_values=px, do_sample=False, **GEN)
     assert torch.equal(_new(by_ids, ids), by_embeds)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.lists(
+        st.lists(st.one_of(st.integers(1, 4), st.just("img")), min_size=0, max_size=4).map(lambda r: r + [2]),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_cached_equals_uncached_over_layouts(model, rows):
+    """Greedy generation with the cache equals uncached recomputation for any left-padded layout."""
+    ids, mask, px = make_batch(rows, "left")
+    kw = dict(input_ids=ids, attention_mask=mask, pixel_values=px, do_sample=False, **GEN)
+    assert torch.equal(model.generate(**kw), model.generate(use_cache=False, **kw))
