@@ -474,8 +474,11 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
     ):
         """Beam search / num_return_sequences: repeat each row's *own* images with it (not each image in place)."""
         pixel_values = kw.pop("pixel_values", None)
-        if pixel_values is not None and expand_size > 1 and input_ids is not None:
-            per_row = ((input_ids == self.config.image_token_id).sum(1) // self.config.image_seq_length).tolist()
+        if pixel_values is not None and expand_size > 1:
+            # Placeholders are found by id, or by embedding for an `inputs_embeds` prompt (input_ids is then empty).
+            ids = input_ids if input_ids is not None and input_ids.shape[1] else None
+            is_visual = self.model.placeholder_mask(ids, kw.get("inputs_embeds"), pixel_values, past_length=0)
+            per_row = (is_visual.sum(1) // self.config.image_seq_length).tolist()
             starts = [sum(per_row[:row]) for row in range(len(per_row))]
             index = [
                 start + image

@@ -175,3 +175,12 @@ def test_cached_equals_uncached_over_layouts(model, rows):
     ids, mask, px = make_batch(rows, "left")
     kw = dict(input_ids=ids, attention_mask=mask, pixel_values=px, do_sample=False, **GEN)
     assert torch.equal(model.generate(**kw), model.generate(use_cache=False, **kw))
+
+
+def test_beam_search_from_inputs_embeds_keeps_each_rows_images(model):
+    ids, mask, px = make_batch(ROWS, "left")
+    embeds = model.get_input_embeddings()(ids).detach()
+    kw = dict(attention_mask=mask, pixel_values=px, num_beams=2, do_sample=False, **GEN)
+    by_ids = model.generate(input_ids=ids, **kw)
+    by_embeds = model.generate(inputs_embeds=embeds, **kw)
+    assert torch.equal(_new(by_ids, ids), by_embeds)
