@@ -248,10 +248,6 @@ class SaisaModel(SaisaPreTrainedModel):
         is_visual = self.placeholder_mask(input_ids, inputs_embeds, pixel_values, past_length)
         embed = self.get_input_embeddings()
         if is_visual is None:
-            if pixel_values is not None:
-                raise ValueError(
-                    f"pixel_values hold {pixel_values.shape[0]} images but input_ids hold no image placeholders."
-                )
             # Text-only chunk (a decode step, a continuation, a text-only batch): the backbone, untouched.
             outputs = self.language_model(
                 inputs_embeds=embed(input_ids) if inputs_embeds is None else inputs_embeds,
