@@ -399,7 +399,7 @@ def run_benchmark(
     caches = {}
     with torch.inference_mode():
         for name, model in models.items():
-            caches[name] = model(**prompt, use_cache=True, logits_to_keep=1).past_key_values
+            caches[name] = model(**prompt, use_cache=True, logits_to_keep=1).cache
     step_ids = torch.tensor([[5]])
     step_mask = torch.ones(1, seq + 1, dtype=torch.long)
 
@@ -409,7 +409,7 @@ def run_benchmark(
         def fn() -> None:
             with torch.inference_mode():
                 for _ in range(cfg.decode_steps):
-                    model(input_ids=step_ids, attention_mask=step_mask, past_key_values=cache, logits_to_keep=1)
+                    model(input_ids=step_ids, attention_mask=step_mask, cache=cache, logits_to_keep=1)
                     cache.crop(-1)  # back to the prompt length
 
         return fn

@@ -163,11 +163,11 @@ class TokenLayout:
         )
 
     def to_sequence(self, query_states: torch.Tensor) -> torch.Tensor:
-        """Per-slot states `[B, T, X]` -> `[B, S, X]` at their text rows, zeros at visual and padding rows."""
-        batch, _, width = query_states.shape
-        out = query_states.new_zeros(batch * self.seq_length, width)
+        """Per-slot states `[B, T, ...]` -> `[B, S, ...]` at their text rows, zeros at visual and padding rows."""
+        batch, _, *rest = query_states.shape
+        out = query_states.new_zeros(batch * self.seq_length, *rest)
         out.index_copy_(0, self.text_target, query_states.flatten(0, 1)[self.query_source])
-        return out.view(batch, self.seq_length, width)
+        return out.view(batch, self.seq_length, *rest)
 
     def shift_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Next-token labels per query slot: slot at sequence index s predicts `labels[s + 1]`.

@@ -10,6 +10,7 @@ and visual tokens are keys/values only. See docs/architecture.md for the data pa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -17,8 +18,14 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_masks_for_generate, flash_attention_mask
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
 from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 from modeling_saisa.backbones import backbone_spec
 from modeling_saisa.configuration import SaisaConfig
@@ -38,27 +45,29 @@ __all__ = [
 
 
 @dataclass
-class SaisaModelOutputWithPast(BaseModelOutputWithPast):
+class SaisaModelOutputWithPast(MultimodalBaseModelOutputWithPast):
     r"""
-    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
-        Final hidden states at text rows; zeros at visual and padding rows (SAISA has no output there).
-    query_hidden_states (`torch.FloatTensor` of shape `(batch_size, n_query_slots, hidden_size)`, *optional*):
-        The same states in the compact per-query layout the backbone ran on (only when the chunk had images).
-    layout (`TokenLayout`, *optional*):
-        Where each query slot and visual row sits in the sequence (only when the chunk had images).
+    As Llava's model output (transformers >= 5.24: `cache`, `image_outputs`), in *sequence layout*:
+    `last_hidden_state`, every `hidden_states` entry and every `attentions` entry have one row per input token.
+    SAISA computes nothing at visual and padding rows, so those rows are zeros (for `attentions`: the rows of
+    visual queries; their keys are real). `image_outputs.pooler_output` holds the vision features `f`
+    `[n_images, image_seq_length, d_vision]` (before the per-layer projectors).
     """
-
-    query_hidden_states: torch.FloatTensor | None = None
-    layout: TokenLayout | None = None
 
 
 @dataclass
-class SaisaCausalLMOutputWithPast(ModelOutput):
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+class SaisaCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
+    r"""
+    As Llava's causal-LM output. `logits` are in sequence layout: zeros at visual and padding rows (SAISA has no
+    output there), unless `logits_to_keep` selects the last positions.
+    """
+
+
+class TextRows(NamedTuple):
+    """The final hidden states of a chunk's text rows, per query slot `[B, T, h]`, and where they sit."""
+
+    layout: TokenLayout
+    hidden: torch.Tensor
 
 
 class SaisaMultiModalProjector(nn.Module):
@@ -81,7 +90,7 @@ class SaisaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -101,6 +110,14 @@ class SaisaPreTrainedModel(PreTrainedModel):
 
 class SaisaModel(SaisaPreTrainedModel):
     """Vision tower + per-layer projectors + the backbone decoder (no LM head)."""
+
+    # Tensor parallelism (`tp_plan="auto"`): the backbone brings its own plan (merged in under `language_model.`);
+    # each projector is Megatron-style, column- then row-parallel, so `P_l(f)` comes out whole (replicated) and the
+    # layer's colwise k/v projections then give each rank its own heads of the visual K/V, as for text rows.
+    _tp_plan = {
+        "multi_modal_projector.*.linear_1": "colwise",
+        "multi_modal_projector.*.linear_2": "rowwise",
+    }
 
     def __init__(self, config: SaisaConfig):
         super().__init__(config)
@@ -126,26 +143,37 @@ class SaisaModel(SaisaPreTrainedModel):
         projector = self.multi_modal_projector[0 if self.config.shared_projector else layer_idx]
         return projector(image_features.to(projector.linear_1.weight.dtype))
 
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.FloatTensor,
         vision_feature_layer: int | None = None,
         vision_feature_select_strategy: str | None = None,
-    ) -> torch.Tensor:
-        """Vision features `f` `[n_images, image_seq_length, d_vision]`, before any projector.
+        **kwargs,
+    ) -> tuple | BaseModelOutputWithPooling:
+        """The vision tower's output, with the features `f` `[n_images, image_seq_length, d_vision]` as `pooler_output`.
 
-        (Unlike Llava's, these are not projected: SAISA projects them once per decoder layer.)
+        As Llava's (transformers >= 5.24), except that `f` is *not* projected: SAISA projects it once per decoder
+        layer. `output_hidden_states` / `output_attentions` are the tower's; without them only the selected hidden
+        state is kept (transformers' output capturing), as Llava does.
         """
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         self.check_pixel_values(pixel_values)
         dtype = next(self.vision_tower.parameters()).dtype
-        # Asking for one hidden-state index keeps only that one (transformers' output capturing), as Llava does.
-        outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=[layer], return_dict=True)
+        asked_hidden_states = bool(kwargs.get("output_hidden_states"))
+        if not asked_hidden_states:
+            kwargs["output_hidden_states"] = [layer]
+        outputs = self.vision_tower(pixel_values.to(dtype), return_dict=True, **kwargs)
         features = outputs.hidden_states[layer]
         if strategy == "default":
             features = features[:, 1:]
-        return features
+        return BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=features,
+            hidden_states=outputs.hidden_states if asked_hidden_states else None,
+            attentions=outputs.attentions,
+        )
 
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         vision = self.config.vision_config
@@ -204,17 +232,48 @@ class SaisaModel(SaisaPreTrainedModel):
             )
         return mask
 
+    @can_return_tuple
+    @deprecate_kwarg("cache", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
-    ) -> SaisaModelOutputWithPast:
+    ) -> tuple | SaisaModelOutputWithPast:
+        """As Llava's model forward; every output is in sequence layout (see `SaisaModelOutputWithPast`)."""
+        outputs, _ = self.forward_text_rows(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return outputs
+
+    def forward_text_rows(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> tuple[SaisaModelOutputWithPast, TextRows | None]:
+        """`forward`, plus the text rows in the compact per-query layout the backbone ran on.
+
+        The LM head needs only those rows (and the layout to place them), so `SaisaForConditionalGeneration` calls
+        this instead of `forward`. The second item is None for a text-only chunk (the output is then all text).
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         batch, seq = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
@@ -225,9 +284,9 @@ class SaisaModel(SaisaPreTrainedModel):
         if checkpointing and use_cache:
             logger.warning_once("use_cache=True is incompatible with activation checkpointing: using use_cache=False.")
             use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=text_config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=text_config)
+        past_length = cache.get_seq_length() if cache is not None else 0
 
         # A 2-D padding mask over past + chunk (a prepared 4-D mask from generate is only used on decode steps).
         mask_2d = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
@@ -253,24 +312,25 @@ class SaisaModel(SaisaPreTrainedModel):
                 inputs_embeds=embed(input_ids) if inputs_embeds is None else inputs_embeds,
                 attention_mask=attention_mask if attention_mask is not None else mask_2d,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
                 **kwargs,
             )
             return SaisaModelOutputWithPast(
                 last_hidden_state=outputs.last_hidden_state,
-                past_key_values=past_key_values if use_cache else None,
+                cache=cache if use_cache else None,
                 hidden_states=outputs.hidden_states,
                 attentions=outputs.attentions,
-            )
+            ), None
 
-        features = self.get_image_features(pixel_values)
+        image_outputs = self.get_image_features(pixel_values, return_dict=True)
+        features = image_outputs.pooler_output
         layout = TokenLayout.build(is_visual, mask_2d, position_ids, past_length, self.config.image_seq_length)
         policy = InjectedVisualKV(self, features, layout, precompute=checkpointing)
         del features  # the policy owns f from here and frees it as soon as the last layer is served
         kv_length, kv_offset = (past_length + seq, 0)
-        if past_key_values is not None:
-            kv_length, kv_offset = past_key_values.get_mask_sizes(seq, 0)
+        if cache is not None:
+            kv_length, kv_offset = cache.get_mask_sizes(seq, 0)
         if kv_offset:
             raise NotImplementedError(
                 "A chunk with images on top of a sliding-window cache that already dropped tokens is not supported."
@@ -284,11 +344,14 @@ class SaisaModel(SaisaPreTrainedModel):
                 inputs_embeds=embed(layout.pack(input_ids)) if inputs_embeds is None else layout.pack(inputs_embeds),
                 attention_mask=None,
                 position_ids=layout.pack(position_ids),
-                past_key_values=VisualKVCache(past_key_values, layout, policy, varlen),
+                cache=VisualKVCache(cache, layout, policy, varlen),
                 use_cache=use_cache,
                 **varlen.kwargs,
                 **kwargs,
             )
+            hidden_states = outputs.hidden_states
+            if hidden_states is not None:
+                hidden_states = tuple(layout.unpack(states) for states in hidden_states)
             query_hidden = layout.unpack(outputs.last_hidden_state)
         else:
             if inputs_embeds is None:
@@ -300,19 +363,24 @@ class SaisaModel(SaisaPreTrainedModel):
                 inputs_embeds=query_embeds,
                 attention_mask=self._query_masks(layout, implementation, kv_length, query_embeds.dtype),
                 position_ids=layout.query_positions,
-                past_key_values=VisualKVCache(past_key_values, layout, policy),
+                cache=VisualKVCache(cache, layout, policy),
                 use_cache=use_cache,
                 **kwargs,
             )
+            hidden_states = outputs.hidden_states
             query_hidden = outputs.last_hidden_state
-        return SaisaModelOutputWithPast(
+        attentions = outputs.attentions
+        result = SaisaModelOutputWithPast(
             last_hidden_state=layout.to_sequence(query_hidden),
-            past_key_values=past_key_values if use_cache else None,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            query_hidden_states=query_hidden,
-            layout=layout,
+            cache=cache if use_cache else None,
+            hidden_states=None if hidden_states is None else tuple(map(layout.to_sequence, hidden_states)),
+            # [B, heads, T, keys] -> [B, heads, S, keys]: attention rows move to their query's sequence row.
+            attentions=None
+            if attentions is None
+            else tuple(layout.to_sequence(a.transpose(1, 2)).transpose(1, 2) for a in attentions),
+            image_outputs=image_outputs,
         )
+        return result, TextRows(layout, query_hidden)
 
     def _query_masks(self, layout: TokenLayout, implementation: str, kv_length: int, dtype: torch.dtype):
         """The prepared attention mask(s) for the query slots, for the backbone's attention backend."""
@@ -332,6 +400,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
     """SAISA with a language-modeling head: `forward`, `generate`, Trainer, PEFT, like LlavaForConditionalGeneration."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: SaisaConfig):
         super().__init__(config)
@@ -383,22 +452,24 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
     def get_decoder(self) -> nn.Module:
         return self.model.language_model
 
-    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> torch.Tensor:
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> tuple | BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> SaisaCausalLMOutputWithPast:
+    ) -> tuple | SaisaCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Unshifted next-token labels, -100 to ignore (as for any transformers causal LM). A label whose preceding
@@ -406,20 +477,19 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         logits_to_keep (`int` or `torch.Tensor`, *optional*):
             As in transformers' causal LMs: keep only the last `logits_to_keep` positions (0 = all).
         """
-        outputs = self.model(
+        outputs, text_rows = self.model.forward_text_rows(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
         )
         vocab_size = self.config.text_config.vocab_size
-        layout = outputs.layout
         loss = None
-        if layout is None:  # text-only chunk: exactly a causal LM
+        if text_rows is None:  # text-only chunk: exactly a causal LM
             hidden = outputs.last_hidden_state
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep, :])
@@ -427,7 +497,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
         elif isinstance(logits_to_keep, int) and logits_to_keep > 0 and labels is None:
             # generate(): the last position must be a text row, else there is nothing to predict from.
-            if bool(layout.ends_with_image.any()):
+            if bool(text_rows.layout.ends_with_image.any()):
                 raise ValueError(
                     "The prompt ends in image placeholders: SAISA has no output at visual rows, so there is nothing "
                     "to predict the next token from. End the prompt with text (e.g. the chat template's "
@@ -436,33 +506,37 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             logits = self.lm_head(outputs.last_hidden_state[:, -logits_to_keep:, :])
         else:
             # The LM head runs on text rows only; logits come back in sequence layout (zeros at visual rows).
-            query_logits = self.lm_head(outputs.query_hidden_states)
+            query_logits = self.lm_head(text_rows.hidden)
             if labels is not None:
                 loss = self.loss_function(
                     logits=query_logits,
                     labels=None,
-                    shift_labels=layout.shift_labels(labels),
+                    shift_labels=text_rows.layout.shift_labels(labels),
                     vocab_size=vocab_size,
                     **kwargs,
                 )
-            logits = layout.to_sequence(query_logits)
+            logits = text_rows.layout.to_sequence(query_logits)
             if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
                 keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
                 logits = logits[:, keep, :]
         return SaisaCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
         )
 
-    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, **kwargs):
-        """Compilable caches get a prepared mask from generate; the prefill with images needs the 2-D one."""
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, **kwargs):
+        """Compilable caches get a prepared mask from generate; the prefill with images needs the 2-D one.
+
+        (The hook's signature is transformers >= 5.24's: the cache comes as `cache`.)
+        """
         if kwargs.get("is_first_iteration"):
             return attention_mask
         return create_masks_for_generate(
-            config.get_text_config(decoder=True), inputs_embeds, attention_mask, past_key_values, **kwargs
+            config.get_text_config(decoder=True), inputs_embeds, attention_mask, cache, **kwargs
         )
 
     def _expand_inputs_for_generation(

@@ -28,7 +28,7 @@ def oracle_logits(
     embeds = backbone.embed_tokens(input_ids)
     handles = []
     if pixel_values is not None and bool(is_visual.any()):
-        features = saisa.get_image_features(pixel_values)
+        features = saisa.get_image_features(pixel_values).pooler_output
         for idx, layer in enumerate(backbone.layers):
 
             def overwrite(module, args, kwargs, idx=idx):

@@ -90,9 +90,7 @@ def test_returned_cache_continues_like_a_fresh_prompt(model):
     follow_up = torch.tensor([[5, 6, 7]])
     full = torch.cat([first.sequences, follow_up], dim=1)
     full_mask = torch.ones_like(full)
-    continued = model.generate(
-        input_ids=full, attention_mask=full_mask, past_key_values=first.past_key_values, do_sample=False, **GEN
-    )
+    continued = model.generate(input_ids=full, attention_mask=full_mask, cache=first.cache, do_sample=False, **GEN)
     fresh = model.generate(input_ids=full, attention_mask=full_mask, pixel_values=px, do_sample=False, **GEN)
     assert torch.equal(continued, fresh)
 

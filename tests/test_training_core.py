@@ -82,7 +82,6 @@ def test_num_items_in_batch_is_honoured():
     labels = _labels(ids, mask)
     mean = model(input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels).loss
     total = model(input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels, num_items_in_batch=1).loss
-    n = int(
-        (model.model(input_ids=ids, attention_mask=mask, pixel_values=px).layout.shift_labels(labels) != -100).sum()
-    )
+    _, text_rows = model.model.forward_text_rows(input_ids=ids, attention_mask=mask, pixel_values=px)
+    n = int((text_rows.layout.shift_labels(labels) != -100).sum())
     assert torch.allclose(total, mean * n, rtol=1e-5)
