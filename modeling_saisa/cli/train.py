@@ -85,6 +85,23 @@ def _given(argv: list[str], *names: str) -> bool:
     return any(arg.split("=", 1)[0] in flags for arg in argv)
 
 
+# Options that transformers 5 removed from TrainingArguments, with what replaces them: old configs and commands
+# (LLaVA's scripts, transformers 4 tutorials) still carry them, and argparse's "unrecognized arguments" does not say
+# what to write instead.
+REMOVED_OPTIONS = {
+    "warmup_ratio": "use warmup_steps with a float below 1 (e.g. --warmup-steps 0.03 = 3 % of the steps)",
+}
+
+
+def _check_removed(names: list[str], where: str) -> None:
+    for name in names:
+        if name in REMOVED_OPTIONS:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{where}{flag} no longer exists in transformers 5's TrainingArguments: {REMOVED_OPTIONS[name]}."
+            )
+
+
 def parse(argv: list[str]) -> tuple[Any, argparse.Namespace]:
     """Parse `argv` (YAML first, flags over it) into `(TrainingArguments, SAISA namespace)`."""
     import yaml
@@ -105,10 +122,12 @@ def parse(argv: list[str]) -> tuple[Any, argparse.Namespace]:
         if not isinstance(loaded, dict):
             raise ValueError(f"{config_path}: expected a mapping of option names to values.")
         from_yaml = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+        _check_removed(sorted(from_yaml), f"{config_path}: ")
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(from_yaml) - known)
         if unknown:
             raise ValueError(f"{config_path}: unknown option(s) {unknown}.")
+    _check_removed([name for name in REMOVED_OPTIONS if _given(argv, name)], "")
     defaults: dict[str, Any] = {"remove_unused_columns": False}
     if not (_given(argv, "bf16", "fp16", "use_cpu") or {"bf16", "fp16", "use_cpu"} & set(from_yaml)):
         defaults.update(auto_precision())
