@@ -75,7 +75,11 @@ def build_parser() -> Any:
         help="Stage 2: copy this shared projector (shared_projector.safetensors or a stage-1 checkpoint) into "
         "every layer.",
     )
-    group.add_argument("--dtype", help="Load the weights in this dtype (e.g. bfloat16); default: as saved.")
+    group.add_argument(
+        "--dtype",
+        help="Train the weights themselves in this dtype ('auto': as stored). Default: float32 master weights, "
+        "with --bf16/--fp16 (picked for the GPU) computing in low precision.",
+    )
     group.add_argument("--attn-implementation", "--attn_implementation", dest="attn_implementation")
     return parser
 
