@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from modeling_saisa.model_dirs import looks_like_local_path
+
 __all__ = [
     "CheckpointReader",
     "OutputTensor",
@@ -77,11 +79,6 @@ PICKLE_REFUSAL = (
 # Sources
 
 
-def _looks_like_local_path(name: str) -> bool:
-    """A hub id is `name` or `owner/name`; anything else (absolute, ./, ~, deeper nesting) can only be a path."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
-
-
 def resolve_repo(
     name: str | os.PathLike,
     *,
@@ -101,7 +98,7 @@ def resolve_repo(
         return path
     if path.exists():
         raise NotADirectoryError(f"{what} {text!r} is a file; {option} expects a directory or a hub repo id.")
-    if _looks_like_local_path(text):
+    if looks_like_local_path(text):
         raise FileNotFoundError(f"{what} {text!r}: no such directory ({option} expects a directory or a hub repo id).")
     from huggingface_hub import snapshot_download
 

@@ -11,6 +11,8 @@ import os
 import sys
 from typing import Any, TextIO
 
+from modeling_saisa.model_dirs import check_model_dir
+
 __all__ = [
     "add_generation_arguments",
     "add_model_arguments",
@@ -100,9 +102,7 @@ def load_model_and_processor(args: argparse.Namespace) -> tuple[Any, Any]:
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    local = os.path.isdir(args.model)
-    if not local and (os.path.exists(args.model) or args.model.startswith((".", os.sep, "~"))):
-        raise FileNotFoundError(f"Model directory {args.model!r} does not exist.")
+    check_model_dir(args.model)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     processor = AutoProcessor.from_pretrained(args.model)
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)

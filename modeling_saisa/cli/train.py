@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Any
 
+from modeling_saisa.model_dirs import check_model_dir
+
 __all__ = ["build_parser", "parse", "register", "run"]
 
 
@@ -143,6 +145,7 @@ def parse(argv: list[str]) -> tuple[Any, argparse.Namespace]:
         raise ValueError(f"missing {', '.join(missing)} (on the command line or in --config).")
     if not _given(argv, "output_dir") and "output_dir" not in from_yaml:
         raise ValueError("missing --output-dir (on the command line or in --config).")
+    check_model_dir(saisa_args.model)
     if saisa_args.lora and saisa_args.stage != 2:
         raise ValueError("--lora is a stage-2 option: stage 1 trains only the shared projector.")
     return training_args, saisa_args
