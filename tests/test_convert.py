@@ -620,7 +620,7 @@ def test_cli_conversion_answers_through_pipeline(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ llava-hf
 
 
-def _tiny_llava(directory: Path, *, hub_layout: bool):
+def tiny_llava(directory: Path, *, hub_layout: bool):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     from modeling_saisa.tokenizers import build_word_tokenizer
@@ -656,7 +656,7 @@ def test_from_llava(tmp_path, hub_layout):
     from modeling_saisa import SaisaForConditionalGeneration
     from modeling_saisa.convert import convert_from_llava
 
-    llava = _tiny_llava(tmp_path / "llava", hub_layout=hub_layout)
+    llava = tiny_llava(tmp_path / "llava", hub_layout=hub_layout)
     out = tmp_path / "out"
     convert_from_llava(tmp_path / "llava", out)
     model, info = SaisaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
@@ -682,7 +682,7 @@ def test_from_llava(tmp_path, hub_layout):
 def test_from_llava_cli_shared_projector(tmp_path):
     from modeling_saisa.cli import main
 
-    _tiny_llava(tmp_path / "llava", hub_layout=False)
+    tiny_llava(tmp_path / "llava", hub_layout=False)
     out = tmp_path / "out"
     assert main(["convert", "--from-llava", "--keep-shared-projector", str(tmp_path / "llava"), str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
