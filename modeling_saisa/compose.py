@@ -13,6 +13,7 @@ SAISA checkpoint with `shared_projector=True`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -214,6 +215,14 @@ def _shared_projector_state(source: str | os.PathLike | dict[str, torch.Tensor])
     if path.is_dir() and (path / "config.json").is_file():
         from modeling_saisa.checkpoint_io import CheckpointReader, find_weight_files
 
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        if not config.get("shared_projector", False):
+            # Copying layer 0's projector into every layer would silently throw the other layers' training away.
+            raise ConversionError(
+                f"{source} holds per-layer projectors (shared_projector is false: a stage-2 checkpoint), but "
+                "--init-projectors-from copies one shared (stage-1) projector into every layer; pass a stage-1 "
+                f"checkpoint or a {SHARED_PROJECTOR_FILE}, or continue from this checkpoint with --model."
+            )
         prefix = "model.multi_modal_projector.0."
         with CheckpointReader(find_weight_files(path, allow_pickle=False)) as reader:
             return {k.removeprefix(prefix): reader.read(k) for k in reader.refs if k.startswith(prefix)}

@@ -160,9 +160,16 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
 
 
 def parameter_groups(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """`{group: (trainable, total)}` parameter counts for vision tower, projectors, LLM and LoRA adapters."""
+    """`{group: (trainable, total)}` parameter counts for vision tower, projectors, LLM and LoRA adapters.
+
+    PEFT's `modules_to_save` keeps a frozen `original_module` beside the trained copy of each projector; it is a
+    backup for disabling the adapter, not part of the model being trained, so it is not counted (else projectors
+    that train in full would read as half trainable).
+    """
     groups: dict[str, list[int]] = {}
     for name, param in model.named_parameters():
+        if ".original_module." in name:
+            continue
         if "lora_" in name:
             group = "lora"
         elif "vision_tower" in name:
