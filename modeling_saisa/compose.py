@@ -27,12 +27,12 @@ from modeling_saisa.checkpoint_io import resolve_repo
 from modeling_saisa.convert import (
     SHARED_PROJECTOR_FILE,
     ConversionError,
-    _image_seq_length,
-    _load_tokenizer,
-    _prepare_tokenizer,
     grow_rows,
+    load_tokenizer,
     load_vision_config,
+    prepare_tokenizer,
     resolve_dtype,
+    visual_token_count,
 )
 
 __all__ = ["compose_from_pretrained", "init_projectors_from_shared"]
@@ -119,8 +119,8 @@ def compose_from_pretrained(
     torch_dtype = torch_dtype or lm.dtype
     vision_model = vision_cls.from_pretrained(vision_dir, config=vision_config, dtype=torch_dtype)
 
-    tokenizer = _load_tokenizer(text_dir, "text model")
-    image_token_id, n_tokens = _prepare_tokenizer(tokenizer)
+    tokenizer = load_tokenizer(text_dir, "text model")
+    image_token_id, n_tokens = prepare_tokenizer(tokenizer)
     decoder, lm_head = _text_model_parts(lm)
     old_vocab = decoder.get_input_embeddings().weight.shape[0]
     new_vocab = max(old_vocab, n_tokens, image_token_id + 1)
@@ -150,7 +150,7 @@ def compose_from_pretrained(
     )
     settings.update(config_overrides)
     if "image_seq_length" not in config_overrides:
-        settings["image_seq_length"] = _image_seq_length(vision_config, settings["vision_feature_select_strategy"])
+        settings["image_seq_length"] = visual_token_count(vision_config, settings["vision_feature_select_strategy"])
     config = SaisaConfig(**settings)
     config.dtype = torch_dtype
 

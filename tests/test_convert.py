@@ -530,7 +530,7 @@ def _bad_shape(tensors, config):
 @pytest.mark.parametrize(
     ("tamper", "match"),
     [
-        (_drop_key, r"missing.*model\.language_model\.layers\.1\.self_attn\.k_proj\.weight"),
+        (_drop_key, r"missing from the source \(1\): \['model\.layers\.1\.self_attn\.k_proj\.weight'\]"),
         (_add_key, r"unexpected.*model\.layers\.0\.self_attn\.extra\.weight"),
         (_bad_shape, r"shape mismatches.*up_proj"),
         (lambda t, c: c.update(model_type="llava"), "--from-llava"),
@@ -545,6 +545,48 @@ def test_inconsistent_source_is_refused(tmp_path, tamper, match):
     with pytest.raises(ValueError, match=match):
         convert_original_checkpoint(src, tmp_path / "out")
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)
+
+
+def _cli_error(argv: list[str], capsys) -> str:
+    from modeling_saisa.cli import main
+
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("saisa convert: error: "), lines
+    return lines[0]
+
+
+def test_cli_reports_a_missing_key_by_its_source_name_before_any_progress_log(tmp_path, capsys, caplog):
+    src, _, _ = make_original(tmp_path, "orig", vision_keys=True, tamper=_drop_key)
+    with caplog.at_level("INFO", logger="modeling_saisa"):
+        err = _cli_error(["convert", str(src), str(tmp_path / "out")], capsys)
+    assert "nothing was written" in err and "['model.layers.1.self_attn.k_proj.weight']" in err
+    assert "language_model" not in err
+    assert "Growing embed_tokens" not in caplog.text and "Vision tower weights" not in caplog.text
+    _, _, config = make_original(tmp_path, "ok", vision_keys=True)  # the same logs do come once the plan is whole
+    with caplog.at_level("INFO", logger="modeling_saisa"):
+        from modeling_saisa.cli import main
+
+        assert main(["convert", str(tmp_path / "ok"), str(tmp_path / "out")]) == 0
+    assert "Growing embed_tokens" in caplog.text and "Vision tower weights: from SRC" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        (b"{not json", "the safetensors header is not valid JSON"),
+        (json.dumps({"w": {"dtype": "F32", "shape": [1]}}).encode(), "tensor 'w' in the safetensors header lacks"),
+        (json.dumps({"w": {"dtype": "F32", "shape": "x", "data_offsets": [0, 4]}}).encode(), "expected lists of"),
+    ],
+)
+def test_cli_damaged_safetensors_header_names_the_file(tmp_path, capsys, header, message):
+    import struct
+
+    src, _, _ = make_original(tmp_path, "orig", vision_keys=True)
+    weights = src / "model.safetensors"
+    weights.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    err = _cli_error(["convert", str(src), str(tmp_path / "out")], capsys)
+    assert f"{weights}: " in err and message in err
 
 
 def test_source_resolution_errors(tmp_path):
