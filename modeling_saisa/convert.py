@@ -39,6 +39,7 @@ from modeling_saisa.checkpoint_io import (
 
 __all__ = [
     "KNOWN_VISION_TOWERS",
+    "LOADING_ONLY_TOKENIZER_KEYS",
     "SHARED_PROJECTOR_FILE",
     "ConversionError",
     "convert_from_llava",
@@ -351,17 +352,26 @@ def _write_model(
     logger.info("Wrote %d tensors (%.1f MB) in %s.", len(tensors), total / 1e6, ", ".join(files))
 
 
+#: `from_pretrained` arguments that tokenizers keep in `init_kwargs` and would write to tokenizer_config.json.
+LOADING_ONLY_TOKENIZER_KEYS = ("is_local", "local_files_only", "_commit_hash")
+
+
 def load_tokenizer(directory: Path, what: str, config=None):
     """`config` stands in for the directory's config.json where transformers cannot read that (`llava_llama`)."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(directory, **({"config": config} if config is not None else {}))
+        tokenizer = AutoTokenizer.from_pretrained(directory, **({"config": config} if config is not None else {}))
     except Exception as err:  # the causes are many (missing files, sentencepiece not installed); say which
         raise ConversionError(
             f"Could not load the tokenizer of the {what} at {directory} ({type(err).__name__}: {err}). Tokenizers "
             "stored only as a SentencePiece tokenizer.model need `pip install sentencepiece protobuf`."
         ) from err
+    # How it was loaded (a local folder, offline) is no property of the tokenizer: saved, these keys would make
+    # the output's tokenizer_config.json differ from what save_pretrained writes for the same tokenizer.
+    for key in LOADING_ONLY_TOKENIZER_KEYS:
+        tokenizer.init_kwargs.pop(key, None)
+    return tokenizer
 
 
 def prepare_tokenizer(tokenizer) -> tuple[int, int]:
@@ -380,9 +390,21 @@ def prepare_tokenizer(tokenizer) -> tuple[int, int]:
 
 
 def _save_side_files(tmp: Path, config, processor, generation_source: Path | None) -> None:
-    """config.json, generation_config.json and the processor files (tokenizer, image processor, chat template)."""
-    from transformers import GenerationConfig
+    """config.json, generation_config.json and the processor files (tokenizer, image processor, chat template).
 
+    The result has the shape `save_pretrained` gives a SAISA model: `architectures`, an `auto_map` for AutoConfig
+    and AutoModelForImageTextToText, and both defining modules beside it, so that `trust_remote_code=True` loads a
+    converted directory without `import modeling_saisa`, exactly as it loads a saved one.
+    """
+    from transformers import GenerationConfig
+    from transformers.dynamic_module_utils import custom_object_save
+
+    from modeling_saisa.modeling_saisa import SaisaForConditionalGeneration
+
+    with torch.device("meta"):  # only the class and its auto-class registration are needed: no memory
+        model = SaisaForConditionalGeneration(config)
+    config.architectures = [type(model).__name__]
+    custom_object_save(model, tmp, config=config)
     config.save_pretrained(tmp)
     generation = None
     if generation_source is not None and (generation_source / "generation_config.json").is_file():

@@ -589,6 +589,40 @@ def test_cli_damaged_safetensors_header_names_the_file(tmp_path, capsys, header,
     assert f"{weights}: " in err and message in err
 
 
+def test_converted_directory_has_the_shape_of_a_saved_one(tmp_path):
+    """Same files, same auto_map and architectures as save_pretrained; loads with trust_remote_code alone."""
+    import subprocess
+    import sys
+
+    from transformers import AutoProcessor
+
+    from modeling_saisa import SaisaForConditionalGeneration
+    from modeling_saisa.cli import main
+
+    src, _, _ = make_original(tmp_path, "orig", vision_keys=True)
+    out, saved = tmp_path / "out", tmp_path / "saved"
+    assert main(["convert", str(src), str(out)]) == 0
+    SaisaForConditionalGeneration.from_pretrained(out).save_pretrained(saved)
+    AutoProcessor.from_pretrained(out).save_pretrained(saved)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in saved.iterdir())
+    converted, resaved = (json.loads((d / "config.json").read_text()) for d in (out, saved))
+    assert converted["auto_map"] == resaved["auto_map"] and len(converted["auto_map"]) == 2
+    assert converted["architectures"] == resaved["architectures"] == ["SaisaForConditionalGeneration"]
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only"} & set(tokenizer_config)
+    code = (
+        "import sys; from transformers import AutoModelForImageTextToText as A; "
+        "m = A.from_pretrained(sys.argv[1], trust_remote_code=True); "
+        "print(type(m).__name__)"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "SaisaForConditionalGeneration"
+
+
 def test_source_resolution_errors(tmp_path):
     from modeling_saisa.convert import convert_original_checkpoint
 
