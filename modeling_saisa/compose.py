@@ -13,9 +13,11 @@ SAISA checkpoint with `shared_projector=True`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,39 @@ def _adopt(target: nn.Module, source: nn.Module, where: str) -> None:
             if key not in dest._buffers:
                 raise ConversionError(f"{where}: buffer {name}.{key} has no place in the SAISA model.")
             dest._buffers[key] = buffer
+
+
+# Tensors of a full CLIP / SigLIP checkpoint outside its vision tower.
+FULL_CHECKPOINT_NON_VISION = r"^(text_model\.|text_projection\.|visual_projection\.|logit_scale$|logit_bias$)"
+
+
+@contextlib.contextmanager
+def _quiet_about_the_other_half(vision_cls: type, vision_dir: Path) -> Iterator[None]:
+    """While loading a full CLIP / SigLIP checkpoint's vision half, declare its text half ignorable.
+
+    transformers would list every text tensor as UNEXPECTED (a table of dozens of rows for a real CLIP), though
+    loading the vision half of a full checkpoint is what is wanted. Declaring them ignorable (on the class, for this
+    load only: `from_pretrained` reads the class attribute) keeps the report for anything else that is wrong; the
+    log gets one line instead.
+    """
+    try:
+        model_type = json.loads((vision_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        model_type = None
+    if model_type not in ("clip", "siglip", "siglip2"):
+        yield
+        return
+    logger.info("%s is a full %s checkpoint: loading its vision half only.", vision_dir, model_type)
+    had = "_keys_to_ignore_on_load_unexpected" in vision_cls.__dict__
+    previous = vision_cls.__dict__.get("_keys_to_ignore_on_load_unexpected")
+    vision_cls._keys_to_ignore_on_load_unexpected = [*(previous or []), FULL_CHECKPOINT_NON_VISION]
+    try:
+        yield
+    finally:
+        if had:
+            vision_cls._keys_to_ignore_on_load_unexpected = previous
+        else:
+            del vision_cls._keys_to_ignore_on_load_unexpected
 
 
 def _text_model_parts(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -117,7 +152,8 @@ def compose_from_pretrained(
             f"{sorted(SUPPORTED_TEXT_MODEL_TYPES)}."
         )
     torch_dtype = torch_dtype or lm.dtype
-    vision_model = vision_cls.from_pretrained(vision_dir, config=vision_config, dtype=torch_dtype)
+    with _quiet_about_the_other_half(vision_cls, vision_dir):
+        vision_model = vision_cls.from_pretrained(vision_dir, config=vision_config, dtype=torch_dtype)
 
     tokenizer = load_tokenizer(text_dir, "text model")
     image_token_id, n_tokens = prepare_tokenizer(tokenizer)

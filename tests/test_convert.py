@@ -773,7 +773,7 @@ def test_from_llava_cli_shared_projector(tmp_path):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_compose_from_pretrained(tmp_path, tied):
+def test_compose_from_pretrained(tmp_path, tied, capfd):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from modeling_saisa import SaisaForConditionalGeneration
@@ -794,7 +794,13 @@ def test_compose_from_pretrained(tmp_path, tied):
         )
     )
     lm.save_pretrained(text_dir)
+    capfd.readouterr()
     model, processor = SaisaForConditionalGeneration.from_vision_text_pretrained(str(clip_dir), str(text_dir))
+    report = "".join(capfd.readouterr())
+    assert "UNEXPECTED" not in report and "text_model" not in report  # the full CLIP's text half is not news
+    from transformers import CLIPVisionModel
+
+    assert "_keys_to_ignore_on_load_unexpected" not in CLIPVisionModel.__dict__  # restored after the load
     assert model.config.shared_projector and len(model.model.multi_modal_projector) == 1
     assert model.config.tie_word_embeddings == tied
     embed = model.get_input_embeddings().weight
