@@ -16,6 +16,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from modeling_saisa.backbones import SUPPORTED_TEXT_MODEL_TYPES, SUPPORTED_VISION_MODEL_TYPES, VISION_HAS_CLS
+from modeling_saisa.model_dirs import unconverted_checkpoint_message
 
 __all__ = ["SaisaConfig"]
 
@@ -90,6 +91,20 @@ class SaisaConfig(PreTrainedConfig):
     multimodal_projector_bias: bool = True
     shared_projector: bool = False
     tie_word_embeddings: bool = False
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """Refuse checkpoints that must be converted first, before a model is built from them.
+
+        transformers only warns when `model_type` differs and then fills SAISA's default (7B-sized) sub-configs, so
+        `from_pretrained` on an original `llava_llama` or a llava-hf `llava` checkpoint would allocate a 7B model of
+        the wrong shape; the error names the `saisa convert` command instead.
+        """
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        refusal = unconverted_checkpoint_message(config_dict.get("model_type"), str(pretrained_model_name_or_path))
+        if refusal is not None:
+            raise ValueError(refusal)
+        return config_dict, kwargs
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

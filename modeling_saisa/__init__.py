@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 
 from modeling_saisa.configuration import SaisaConfig
 from modeling_saisa.modeling_saisa import SaisaForConditionalGeneration, SaisaModel, SaisaPreTrainedModel
-from modeling_saisa.processing import SaisaImageProcessor, SaisaProcessor
+from modeling_saisa.processing import SaisaImageProcessor, SaisaProcessor, install_pipeline_image_errors
 
 __version__ = "0.1.0"
 
@@ -34,3 +34,7 @@ AutoProcessor.register(SaisaConfig, SaisaProcessor, exist_ok=True)
 SaisaConfig.register_for_auto_class()
 SaisaModel.register_for_auto_class("AutoModel")
 SaisaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+# pipeline("image-text-to-text") loads image strings before the processor: give a missing file the same one-line
+# message as the processor and the chat route ("Image file 'x' does not exist.").
+install_pipeline_image_errors()

@@ -49,7 +49,17 @@ from torch import nn
 
 from modeling_saisa import flops as F
 
-__all__ = ["DEFAULT", "QUICK", "TARGETS", "BenchConfig", "build_models", "plot_ratios", "run_benchmark"]
+__all__ = [
+    "DEFAULT",
+    "QUICK",
+    "TARGETS",
+    "TARGETS_NOTE",
+    "BenchConfig",
+    "build_models",
+    "plot_ratios",
+    "quiet_native_stderr",
+    "run_benchmark",
+]
 
 # Targets of the benchmark issue: measured SAISA/LLaVA ratio against a limit (a factor of the analytic ratio of the
 # same work, or an absolute limit).
@@ -229,13 +239,32 @@ def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 
     return times
 
 
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for the duration (Python's and C++'s writes alike).
+
+    Why: the torch profiler's native side prints `USDT: ... profiler_start` / `profiler_stop` lines straight to
+    fd 2 on every use, with no switch to turn them off; between the benchmark's progress lines they read as errors.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_allocated_bytes(fn: Callable[[], Any]) -> int:
     """Peak bytes held by the CPU allocator during `fn()` above what was held when it started (see module doc)."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
@@ -478,17 +507,27 @@ def run_benchmark(
     results["times_s"] = {kind: {"median": medians[kind], "min": minima[kind], "all": times[kind]} for kind in times}
     results["memory_bytes"] = memory
     results["decode_cache_length"] = cache_lengths
-    results["targets"] = _check_targets(results)
+    default_shape = replace(cfg, repeats=DEFAULT.repeats) == DEFAULT  # the targets are set for this shape only
+    results["targets"] = _check_targets(results, applies=default_shape)
+    results["targets_apply"] = default_shape
     results["elapsed_s"] = time.perf_counter() - began
     return results
 
 
-def _check_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+#: Said beside the results of any shape but the default one, where `met` is for information only.
+TARGETS_NOTE = (
+    "The targets are set for the default shape; this smaller shape (--quick) is dominated by fixed overheads, so "
+    "'met' here is for information, not a verdict."
+)
+
+
+def _check_targets(results: dict[str, Any], applies: bool = True) -> dict[str, dict[str, Any]]:
     checks = {}
     for key, (reference, factor) in TARGETS.items():
         limit = factor * results[reference] if reference else factor
         value = results[key]
-        checks[key] = {"measured": value, "limit": limit, "met": bool(math.isfinite(value) and value <= limit)}
+        met = bool(math.isfinite(value) and value <= limit)
+        checks[key] = {"measured": value, "limit": limit, "met": met, "applies": applies}
     return checks
 
 
@@ -531,6 +570,8 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {label} | {a} | {b} | {results[key]:.3f} | {ratio} | {rule} | {'yes' if target['met'] else 'no'} |"
         )
+    if not results.get("targets_apply", True):
+        lines.append(f"\n{TARGETS_NOTE}")
     return "\n".join(lines)
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from modeling_saisa.model_dirs import looks_like_local_path
+
 __all__ = [
     "CheckpointReader",
     "OutputTensor",
@@ -77,11 +79,6 @@ PICKLE_REFUSAL = (
 # Sources
 
 
-def _looks_like_local_path(name: str) -> bool:
-    """A hub id is `name` or `owner/name`; anything else (absolute, ./, ~, deeper nesting) can only be a path."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
-
-
 def resolve_repo(
     name: str | os.PathLike,
     *,
@@ -101,7 +98,7 @@ def resolve_repo(
         return path
     if path.exists():
         raise NotADirectoryError(f"{what} {text!r} is a file; {option} expects a directory or a hub repo id.")
-    if _looks_like_local_path(text):
+    if looks_like_local_path(text):
         raise FileNotFoundError(f"{what} {text!r}: no such directory ({option} expects a directory or a hub repo id).")
     from huggingface_hub import snapshot_download
 
@@ -143,16 +140,37 @@ def _read_safetensors_header(file: Path) -> list[TensorRef]:
         (n,) = struct.unpack("<Q", raw)
         if n > 100_000_000:
             raise ValueError(f"{file} is not a safetensors file (header length {n}).")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise ValueError(
+                f"{file}: the safetensors header is not valid JSON ({err}); the file is damaged."
+            ) from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: the safetensors header is a JSON {type(header).__name__}, expected an object.")
     refs = []
     base = 8 + n
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        fields = ("dtype", "shape", "data_offsets")
+        missing = [key for key in fields if not isinstance(info, dict) or key not in info]
+        if missing:
+            raise ValueError(
+                f"{file}: tensor {name!r} in the safetensors header lacks {missing} (each tensor needs "
+                f"{list(fields)}); the file is damaged."
+            )
         if info["dtype"] not in _ST_DTYPES:
             raise ValueError(f"{file}: tensor {name!r} has dtype {info['dtype']}, which this converter cannot read.")
-        begin, end = info["data_offsets"]
-        refs.append(TensorRef(name, file, _ST_DTYPES[info["dtype"]], tuple(info["shape"]), base + begin, base + end))
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(int(x) for x in info["shape"])
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{file}: tensor {name!r} has shape {info['shape']!r} and data_offsets {info['data_offsets']!r}; "
+                "expected lists of integers (the file is damaged)."
+            ) from None
+        refs.append(TensorRef(name, file, _ST_DTYPES[info["dtype"]], shape, base + begin, base + end))
     refs.sort(key=lambda r: r.begin)
     return refs
 

@@ -13,8 +13,11 @@ SAISA checkpoint with `shared_projector=True`).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +29,12 @@ from modeling_saisa.checkpoint_io import resolve_repo
 from modeling_saisa.convert import (
     SHARED_PROJECTOR_FILE,
     ConversionError,
-    _image_seq_length,
-    _load_tokenizer,
-    _prepare_tokenizer,
     grow_rows,
+    load_tokenizer,
     load_vision_config,
+    prepare_tokenizer,
     resolve_dtype,
+    visual_token_count,
 )
 
 __all__ = ["compose_from_pretrained", "init_projectors_from_shared"]
@@ -61,6 +64,39 @@ def _adopt(target: nn.Module, source: nn.Module, where: str) -> None:
             if key not in dest._buffers:
                 raise ConversionError(f"{where}: buffer {name}.{key} has no place in the SAISA model.")
             dest._buffers[key] = buffer
+
+
+# Tensors of a full CLIP / SigLIP checkpoint outside its vision tower.
+FULL_CHECKPOINT_NON_VISION = r"^(text_model\.|text_projection\.|visual_projection\.|logit_scale$|logit_bias$)"
+
+
+@contextlib.contextmanager
+def _quiet_about_the_other_half(vision_cls: type, vision_dir: Path) -> Iterator[None]:
+    """While loading a full CLIP / SigLIP checkpoint's vision half, declare its text half ignorable.
+
+    transformers would list every text tensor as UNEXPECTED (a table of dozens of rows for a real CLIP), though
+    loading the vision half of a full checkpoint is what is wanted. Declaring them ignorable (on the class, for this
+    load only: `from_pretrained` reads the class attribute) keeps the report for anything else that is wrong; the
+    log gets one line instead.
+    """
+    try:
+        model_type = json.loads((vision_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        model_type = None
+    if model_type not in ("clip", "siglip", "siglip2"):
+        yield
+        return
+    logger.info("%s is a full %s checkpoint: loading its vision half only.", vision_dir, model_type)
+    had = "_keys_to_ignore_on_load_unexpected" in vision_cls.__dict__
+    previous = vision_cls.__dict__.get("_keys_to_ignore_on_load_unexpected")
+    vision_cls._keys_to_ignore_on_load_unexpected = [*(previous or []), FULL_CHECKPOINT_NON_VISION]
+    try:
+        yield
+    finally:
+        if had:
+            vision_cls._keys_to_ignore_on_load_unexpected = previous
+        else:
+            del vision_cls._keys_to_ignore_on_load_unexpected
 
 
 def _text_model_parts(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -116,10 +152,11 @@ def compose_from_pretrained(
             f"{sorted(SUPPORTED_TEXT_MODEL_TYPES)}."
         )
     torch_dtype = torch_dtype or lm.dtype
-    vision_model = vision_cls.from_pretrained(vision_dir, config=vision_config, dtype=torch_dtype)
+    with _quiet_about_the_other_half(vision_cls, vision_dir):
+        vision_model = vision_cls.from_pretrained(vision_dir, config=vision_config, dtype=torch_dtype)
 
-    tokenizer = _load_tokenizer(text_dir, "text model")
-    image_token_id, n_tokens = _prepare_tokenizer(tokenizer)
+    tokenizer = load_tokenizer(text_dir, "text model")
+    image_token_id, n_tokens = prepare_tokenizer(tokenizer)
     decoder, lm_head = _text_model_parts(lm)
     old_vocab = decoder.get_input_embeddings().weight.shape[0]
     new_vocab = max(old_vocab, n_tokens, image_token_id + 1)
@@ -149,7 +186,7 @@ def compose_from_pretrained(
     )
     settings.update(config_overrides)
     if "image_seq_length" not in config_overrides:
-        settings["image_seq_length"] = _image_seq_length(vision_config, settings["vision_feature_select_strategy"])
+        settings["image_seq_length"] = visual_token_count(vision_config, settings["vision_feature_select_strategy"])
     config = SaisaConfig(**settings)
     config.dtype = torch_dtype
 
@@ -214,6 +251,14 @@ def _shared_projector_state(source: str | os.PathLike | dict[str, torch.Tensor])
     if path.is_dir() and (path / "config.json").is_file():
         from modeling_saisa.checkpoint_io import CheckpointReader, find_weight_files
 
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        if not config.get("shared_projector", False):
+            # Copying layer 0's projector into every layer would silently throw the other layers' training away.
+            raise ConversionError(
+                f"{source} holds per-layer projectors (shared_projector is false: a stage-2 checkpoint), but "
+                "--init-projectors-from copies one shared (stage-1) projector into every layer; pass a stage-1 "
+                f"checkpoint or a {SHARED_PROJECTOR_FILE}, or continue from this checkpoint with --model."
+            )
         prefix = "model.multi_modal_projector.0."
         with CheckpointReader(find_weight_files(path, allow_pickle=False)) as reader:
             return {k.removeprefix(prefix): reader.read(k) for k in reader.refs if k.startswith(prefix)}

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +39,18 @@ from modeling_saisa.checkpoint_io import (
 
 __all__ = [
     "KNOWN_VISION_TOWERS",
+    "LOADING_ONLY_TOKENIZER_KEYS",
     "SHARED_PROJECTOR_FILE",
     "ConversionError",
     "convert_from_llava",
     "convert_original_checkpoint",
     "fill_mean_rows",
     "grow_rows",
+    "hold_logs",
+    "load_tokenizer",
     "load_vision_config",
+    "prepare_tokenizer",
+    "visual_token_count",
 ]
 
 logger = logging.getLogger(__name__)
@@ -212,12 +217,21 @@ def _expected_state(config) -> dict[str, tuple[int, ...]]:
     return state
 
 
-def _check_plan(planned: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], unused: list[str]) -> None:
-    """Refuse a partial or inconsistent model: name every missing, unexpected, unused or mis-shaped tensor."""
-    missing = sorted(set(expected) - set(planned))
-    unexpected = sorted(set(planned) - set(expected))
+def _check_plan(
+    planned: dict[str, tuple[int, ...]],
+    expected: dict[str, tuple[int, ...]],
+    unused: list[str],
+    source_name: Callable[[str], str] = lambda name: name,
+) -> None:
+    """Refuse a partial or inconsistent model: name every missing, unexpected, unused or mis-shaped tensor.
+
+    Names are the source checkpoint's (`source_name` maps a SAISA name back), because the user looks for them in
+    the source's files, not in a model that was never written.
+    """
+    missing = sorted(source_name(name) for name in set(expected) - set(planned))
+    unexpected = sorted(source_name(name) for name in set(planned) - set(expected))
     shapes = sorted(
-        f"{name}: checkpoint {list(planned[name])} vs model {list(expected[name])}"
+        f"{source_name(name)}: checkpoint {list(planned[name])} vs model {list(expected[name])}"
         for name in set(planned) & set(expected)
         if tuple(planned[name]) != tuple(expected[name])
     )
@@ -229,7 +243,48 @@ def _check_plan(planned: dict[str, tuple[int, ...]], expected: dict[str, tuple[i
     if shapes:
         problems.append(f"shape mismatches ({len(shapes)}): {shapes}")
     if problems:
-        raise ConversionError("The checkpoint does not match the SAISA model it describes; " + "; ".join(problems))
+        raise ConversionError(
+            "The checkpoint does not match the SAISA model it describes (nothing was written); " + "; ".join(problems)
+        )
+
+
+class _HeldRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def hold_logs(held_logger: logging.Logger) -> Iterator[Callable[[], None]]:
+    """Hold `held_logger`'s records until the caller releases them (the function yielded); drop them on error.
+
+    Why: the planning steps log what they will do ("Growing embed_tokens...", "Vision tower weights: from SRC");
+    shown before a consistency check that then fails, they read as work that was done.
+    """
+    handler = _HeldRecords()
+    propagate = held_logger.propagate
+    held_logger.addHandler(handler)
+    held_logger.propagate = False
+    holding = True
+
+    def release() -> None:
+        nonlocal holding
+        if holding:
+            held_logger.removeHandler(handler)
+            held_logger.propagate = propagate
+            holding = False
+            for record in handler.records:
+                held_logger.handle(record)
+
+    try:
+        yield release
+    finally:
+        if holding:  # an error before release: the planned steps never happened
+            held_logger.removeHandler(handler)
+            held_logger.propagate = propagate
 
 
 def _cast_to(dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -297,20 +352,29 @@ def _write_model(
     logger.info("Wrote %d tensors (%.1f MB) in %s.", len(tensors), total / 1e6, ", ".join(files))
 
 
-def _load_tokenizer(directory: Path, what: str, config=None):
+#: `from_pretrained` arguments that tokenizers keep in `init_kwargs` and would write to tokenizer_config.json.
+LOADING_ONLY_TOKENIZER_KEYS = ("is_local", "local_files_only", "_commit_hash")
+
+
+def load_tokenizer(directory: Path, what: str, config=None):
     """`config` stands in for the directory's config.json where transformers cannot read that (`llava_llama`)."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(directory, **({"config": config} if config is not None else {}))
+        tokenizer = AutoTokenizer.from_pretrained(directory, **({"config": config} if config is not None else {}))
     except Exception as err:  # the causes are many (missing files, sentencepiece not installed); say which
         raise ConversionError(
             f"Could not load the tokenizer of the {what} at {directory} ({type(err).__name__}: {err}). Tokenizers "
             "stored only as a SentencePiece tokenizer.model need `pip install sentencepiece protobuf`."
         ) from err
+    # How it was loaded (a local folder, offline) is no property of the tokenizer: saved, these keys would make
+    # the output's tokenizer_config.json differ from what save_pretrained writes for the same tokenizer.
+    for key in LOADING_ONLY_TOKENIZER_KEYS:
+        tokenizer.init_kwargs.pop(key, None)
+    return tokenizer
 
 
-def _prepare_tokenizer(tokenizer) -> tuple[int, int]:
+def prepare_tokenizer(tokenizer) -> tuple[int, int]:
     """Add `<image>` (and a pad token if there is none); return (image token id, tokenizer length)."""
     from modeling_saisa.tokenizers import add_image_token
 
@@ -326,9 +390,21 @@ def _prepare_tokenizer(tokenizer) -> tuple[int, int]:
 
 
 def _save_side_files(tmp: Path, config, processor, generation_source: Path | None) -> None:
-    """config.json, generation_config.json and the processor files (tokenizer, image processor, chat template)."""
-    from transformers import GenerationConfig
+    """config.json, generation_config.json and the processor files (tokenizer, image processor, chat template).
 
+    The result has the shape `save_pretrained` gives a SAISA model: `architectures`, an `auto_map` for AutoConfig
+    and AutoModelForImageTextToText, and both defining modules beside it, so that `trust_remote_code=True` loads a
+    converted directory without `import modeling_saisa`, exactly as it loads a saved one.
+    """
+    from transformers import GenerationConfig
+    from transformers.dynamic_module_utils import custom_object_save
+
+    from modeling_saisa.modeling_saisa import SaisaForConditionalGeneration
+
+    with torch.device("meta"):  # only the class and its auto-class registration are needed: no memory
+        model = SaisaForConditionalGeneration(config)
+    config.architectures = [type(model).__name__]
+    custom_object_save(model, tmp, config=config)
     config.save_pretrained(tmp)
     generation = None
     if generation_source is not None and (generation_source / "generation_config.json").is_file():
@@ -341,7 +417,7 @@ def _save_side_files(tmp: Path, config, processor, generation_source: Path | Non
     processor.save_pretrained(tmp)
 
 
-def _image_seq_length(vision_config, strategy: str) -> int:
+def visual_token_count(vision_config, strategy: str) -> int:
     n = (vision_config.image_size // vision_config.patch_size) ** 2 + int(VISION_HAS_CLS.get(vision_config.model_type))
     return n - 1 if strategy == "default" else n
 
@@ -363,6 +439,20 @@ def _weight_patterns(weights: bool, allow_pickle: bool) -> list[str]:
 _PER_LAYER_PROJECTOR = re.compile(r"model\.layers\.(\d+)\.mm_projector\.(0|2)\.(weight|bias)")
 _GLOBAL_PROJECTOR = re.compile(r"model\.mm_projector\.(0|2)\.(weight|bias)")
 _ORIGINAL_VISION = "model.vision_tower.vision_tower."
+
+
+def _original_source_name(name: str, vision_in_src: bool) -> str:
+    """The original checkpoint's key for a SAISA name (the inverse of `_original_name`), for error messages."""
+    m = re.fullmatch(r"model\.multi_modal_projector\.(\d+)\.linear_(1|2)\.(weight|bias)", name)
+    if m:
+        layer, index, kind = m.groups()
+        return f"model.layers.{layer}.mm_projector.{0 if index == '1' else 2}.{kind}"
+    if name.startswith("model.language_model."):
+        return "model." + name.removeprefix("model.language_model.")
+    if name.startswith("model.vision_tower."):
+        rest = name.removeprefix("model.vision_tower.")
+        return _ORIGINAL_VISION + "vision_model." + rest if vision_in_src else f"{rest} (vision tower)"
+    return name
 
 
 def _original_name(key: str) -> str | None:
@@ -422,14 +512,15 @@ def convert_original_checkpoint(
         reader = stack.enter_context(
             CheckpointReader(find_weight_files(src_dir, allow_pickle=allow_pickle, what="SRC"))
         )
+        release_logs = stack.enter_context(hold_logs(logging.getLogger("modeling_saisa")))
         keys = list(reader.refs)
         has_vision = any(k.startswith(_ORIGINAL_VISION) for k in keys)
         vision_config, vision_dir = _original_vision_source(original, vision_tower, has_vision, allow_pickle)
 
         # --- tokenizer and vocabulary: `<image>` is appended, the embeddings grow to match
         llm = {k: original[k] for k in _LLM_FIELDS if original.get(k) is not None}
-        tokenizer = _load_tokenizer(src_dir, "SRC", config=LlamaConfig.from_dict(llm))
-        image_token_id, n_tokens = _prepare_tokenizer(tokenizer)
+        tokenizer = load_tokenizer(src_dir, "SRC", config=LlamaConfig.from_dict(llm))
+        image_token_id, n_tokens = prepare_tokenizer(tokenizer)
         embed_key, head_key = "model.embed_tokens.weight", "lm_head.weight"
         if embed_key not in reader.refs:
             raise ConversionError(f"SRC has no {embed_key}; is it a LLaVA/SAISA checkpoint?")
@@ -455,7 +546,7 @@ def convert_original_checkpoint(
             vision_config=vision_config.to_dict(),
             text_config=LlamaConfig.from_dict({**llm, "vocab_size": new_vocab}).to_dict(),
             image_token_id=image_token_id,
-            image_seq_length=_image_seq_length(vision_config, strategy),
+            image_seq_length=visual_token_count(vision_config, strategy),
             vision_feature_layer=int(original.get("mm_vision_select_layer", -2)),
             vision_feature_select_strategy=strategy,
             projector_hidden_act="gelu",
@@ -500,7 +591,13 @@ def convert_original_checkpoint(
             logger.info("Vision tower weights: from %s.", vision_dir)
         if shared and len(shared) != 4:
             unused.extend(shared)  # a partial global projector is a broken checkpoint, not something to drop
-        _check_plan(planner.shapes(), _expected_state(config), unused)
+        _check_plan(
+            planner.shapes(),
+            _expected_state(config),
+            unused,
+            source_name=lambda name: _original_source_name(name, has_vision),
+        )
+        release_logs()
         planner.vision_disk_prefix = _vision_disk_prefix(vision_config)
 
         if shared and not keep_shared_projector:
@@ -711,8 +808,8 @@ def convert_from_llava(
             f"vision_feature_layer={llava.vision_feature_layer!r}: SAISA reads a single vision layer."
         )
 
-    tokenizer = _load_tokenizer(src_dir, "SRC")
-    image_token_id, n_tokens = _prepare_tokenizer(tokenizer)
+    tokenizer = load_tokenizer(src_dir, "SRC")
+    image_token_id, n_tokens = prepare_tokenizer(tokenizer)
     if image_token_id != llava.image_token_id:
         raise ConversionError(
             f"The tokenizer's '<image>' is id {image_token_id} but the Llava config says image_token_id="
@@ -734,7 +831,7 @@ def convert_from_llava(
             vision_config=vision_config.to_dict(),
             text_config=text,
             image_token_id=image_token_id,
-            image_seq_length=_image_seq_length(vision_config, llava.vision_feature_select_strategy),
+            image_seq_length=visual_token_count(vision_config, llava.vision_feature_select_strategy),
             vision_feature_layer=llava.vision_feature_layer,
             vision_feature_select_strategy=llava.vision_feature_select_strategy,
             projector_hidden_act=llava.projector_hidden_act,

@@ -320,6 +320,17 @@ def _vision_from_tower_name(name: str, d_vision: int | None) -> VisionShape:
     )
 
 
+def _original_tower_shape(tower: str, d_vision: int | None) -> VisionShape:
+    """The tower of an original config: read its config when `mm_vision_tower` is a local directory (a fine-tuned
+    or smaller tower has other sizes than its name suggests), else guess from the hub name."""
+    local = os.path.expanduser(tower)
+    if tower and (os.path.isdir(local) or local.endswith(".json")) and os.path.exists(local):
+        config = _load_config_source(local)
+        vision = _get(config, "vision_config")  # a full CLIP / SigLIP config holds the tower as a sub-config
+        return _vision_shape(vision if vision is not None else config)
+    return _vision_from_tower_name(tower, d_vision)
+
+
 def _load_config_source(path: str) -> Any:
     """A directory with config.json, or a config json file. Registered model types go through AutoConfig so
     that fields left at their defaults in the file (common in hub LLaVA configs) get the right values."""
@@ -346,7 +357,10 @@ def model_shape(source: Any) -> ModelShape:
         if key in PRESETS:
             return PRESETS[key]
         if not os.path.exists(source):
-            raise ValueError(f"unknown preset {str(source)!r} (known: {', '.join(PRESETS)}) and no such file")
+            text = str(source)
+            if os.sep in text or text.endswith(".json") or text.startswith(("~", ".")):
+                raise FileNotFoundError(f"{text!r}: no such model directory or config.json")
+            raise ValueError(f"unknown preset {text!r} (known: {', '.join(PRESETS)}) and no such file")
         source = _load_config_source(os.fspath(source))
     text_cfg = _get(source, "text_config")
     if text_cfg is not None:  # multimodal config (saisa / llava)
@@ -362,7 +376,7 @@ def model_shape(source: Any) -> ModelShape:
         v = _get(source, "image_seq_length") or default_v
         return ModelShape(text=_text_shape(text_cfg), vision=vision, visual_tokens=int(v))
     if _get(source, "mm_hidden_size") is not None:  # original LLaVA / SAISA checkpoint (model_type llava_llama)
-        vision = _vision_from_tower_name(str(_get(source, "mm_vision_tower", "")), int(_get(source, "mm_hidden_size")))
+        vision = _original_tower_shape(str(_get(source, "mm_vision_tower", "")), int(_get(source, "mm_hidden_size")))
         return ModelShape(text=_text_shape(source), vision=vision, visual_tokens=vision.patches)
     if _get(source, "hidden_size") is not None:  # a bare decoder config: LLaVA-1.5's tower and 576 tokens
         return ModelShape(text=_text_shape(source))

@@ -30,7 +30,7 @@ from transformers.image_utils import ImageInput, PILImageResampling, SizeDict, l
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType
 
-__all__ = ["SaisaImageProcessor", "SaisaImagesKwargs", "pad_fill_color"]
+__all__ = ["SaisaImageProcessor", "SaisaImagesKwargs", "install_pipeline_image_errors", "pad_fill_color"]
 
 
 class SaisaImagesKwargs(ImagesKwargs, total=False):
@@ -234,3 +234,42 @@ class SaisaImageProcessor(CLIPImageProcessorPil):
             return_tensors=return_tensors,
             **kwargs,
         )
+
+
+def _image_strings(images: Any) -> list[str]:
+    if isinstance(images, str):
+        return [images]
+    if isinstance(images, (list, tuple)):
+        return [s for item in images for s in _image_strings(item)]
+    return []
+
+
+def install_pipeline_image_errors() -> None:
+    """Make `pipeline("image-text-to-text")` report a missing image file as "Image file 'x' does not exist.".
+
+    Why: that pipeline loads image strings itself (`load_images`), before the processor sees them, and transformers
+    reports a missing local file as a failed base64 decode ("Incorrect image source ... Incorrect padding"). Only the
+    error path changes: the pipeline's own loader still loads every image; when it fails, the strings are checked
+    with this package's loader, whose message names the file, and the original error is kept as the cause.
+    Idempotent (importing the package twice wraps once).
+    """
+    from transformers.pipelines import image_text_to_text
+
+    original = image_text_to_text.load_images
+    if getattr(original, "_saisa_wrapped", False):
+        return
+
+    def load_images(images: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(images, *args, **kwargs)
+        except (ValueError, OSError) as err:
+            for source in _image_strings(images):
+                if not source.startswith(("http://", "https://", "data:image/")):
+                    try:
+                        SaisaImageProcessor._load_image_string(source)
+                    except ValueError as clear:
+                        raise ValueError(str(clear)) from err
+            raise
+
+    load_images._saisa_wrapped = True  # type: ignore[attr-defined]
+    image_text_to_text.load_images = load_images

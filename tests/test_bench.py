@@ -39,5 +39,40 @@ def test_quick_bench_produces_finite_figures(tmp_path, capsys) -> None:
         "decode_ratio",
         "peak_memory_ratio",
     }
+    assert results["targets_apply"] is False  # a --quick shape is not what the targets are set for
+    assert all(target["applies"] is False for target in results["targets"].values())
     assert json.loads((tmp_path / "bench_results.json").read_text())["prefill_ratio"] == results["prefill_ratio"]
     assert (tmp_path / "bench_ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profiler_lines_stay_off_stderr(capfd) -> None:
+    """The torch profiler's native `USDT: ... profiler_start` lines must not land between the progress lines."""
+    import torch
+
+    from modeling_saisa.benchmark import peak_allocated_bytes
+
+    assert peak_allocated_bytes(lambda: torch.ones(4096).sum()) > 0
+    out, err = capfd.readouterr()
+    assert "profiler_start" not in err and "profiler_stop" not in err, err
+    print("still here", file=__import__("sys").stderr)  # and stderr works again afterwards
+    assert "still here" in capfd.readouterr().err
+
+
+def test_quick_table_says_the_targets_are_for_the_default_shape(monkeypatch, capsys) -> None:
+    from pathlib import Path
+
+    from modeling_saisa import benchmark
+
+    recorded = json.loads((Path(__file__).parent.parent / "docs" / "bench" / "bench_results.json").read_text())
+    seen = {}
+
+    def fake_run(config, repeats=None, threads=None):
+        seen["config"] = config
+        return {**recorded, "targets_apply": config == benchmark.DEFAULT}
+
+    monkeypatch.setattr(benchmark, "run_benchmark", fake_run)
+    assert cli_main(["bench", "--quick"]) == 0
+    assert seen["config"] == benchmark.QUICK
+    assert benchmark.TARGETS_NOTE in capsys.readouterr().out
+    assert cli_main(["bench"]) == 0
+    assert benchmark.TARGETS_NOTE not in capsys.readouterr().out

@@ -129,7 +129,7 @@ def test_chat_loop_eof_reset_and_errors(loaded, image_path, tmp_path):
     [
         (["--image", "/nonexistent/cat.png", "--prompt", "what"], "Image file '/nonexistent/cat.png' does not exist"),
         (["--prompt", "   "], "--prompt is empty"),
-        (["--prompt", "what", "--top-k", "4"], "--top-k only apply to sampling; add --do-sample"),
+        (["--prompt", "what", "--top-k", "4"], "--top-k only applies to sampling; add --do-sample"),
         (["--prompt", "what", "--do-sample", "--temperature", "0"], "--temperature must be positive"),
         (["--prompt", "what", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     ],

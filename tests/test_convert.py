@@ -530,7 +530,7 @@ def _bad_shape(tensors, config):
 @pytest.mark.parametrize(
     ("tamper", "match"),
     [
-        (_drop_key, r"missing.*model\.language_model\.layers\.1\.self_attn\.k_proj\.weight"),
+        (_drop_key, r"missing from the source \(1\): \['model\.layers\.1\.self_attn\.k_proj\.weight'\]"),
         (_add_key, r"unexpected.*model\.layers\.0\.self_attn\.extra\.weight"),
         (_bad_shape, r"shape mismatches.*up_proj"),
         (lambda t, c: c.update(model_type="llava"), "--from-llava"),
@@ -545,6 +545,82 @@ def test_inconsistent_source_is_refused(tmp_path, tamper, match):
     with pytest.raises(ValueError, match=match):
         convert_original_checkpoint(src, tmp_path / "out")
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)
+
+
+def _cli_error(argv: list[str], capsys) -> str:
+    from modeling_saisa.cli import main
+
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("saisa convert: error: "), lines
+    return lines[0]
+
+
+def test_cli_reports_a_missing_key_by_its_source_name_before_any_progress_log(tmp_path, capsys, caplog):
+    src, _, _ = make_original(tmp_path, "orig", vision_keys=True, tamper=_drop_key)
+    with caplog.at_level("INFO", logger="modeling_saisa"):
+        err = _cli_error(["convert", str(src), str(tmp_path / "out")], capsys)
+    assert "nothing was written" in err and "['model.layers.1.self_attn.k_proj.weight']" in err
+    assert "language_model" not in err
+    assert "Growing embed_tokens" not in caplog.text and "Vision tower weights" not in caplog.text
+    _, _, config = make_original(tmp_path, "ok", vision_keys=True)  # the same logs do come once the plan is whole
+    with caplog.at_level("INFO", logger="modeling_saisa"):
+        from modeling_saisa.cli import main
+
+        assert main(["convert", str(tmp_path / "ok"), str(tmp_path / "out")]) == 0
+    assert "Growing embed_tokens" in caplog.text and "Vision tower weights: from SRC" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        (b"{not json", "the safetensors header is not valid JSON"),
+        (json.dumps({"w": {"dtype": "F32", "shape": [1]}}).encode(), "tensor 'w' in the safetensors header lacks"),
+        (json.dumps({"w": {"dtype": "F32", "shape": "x", "data_offsets": [0, 4]}}).encode(), "expected lists of"),
+    ],
+)
+def test_cli_damaged_safetensors_header_names_the_file(tmp_path, capsys, header, message):
+    import struct
+
+    src, _, _ = make_original(tmp_path, "orig", vision_keys=True)
+    weights = src / "model.safetensors"
+    weights.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    err = _cli_error(["convert", str(src), str(tmp_path / "out")], capsys)
+    assert f"{weights}: " in err and message in err
+
+
+def test_converted_directory_has_the_shape_of_a_saved_one(tmp_path):
+    """Same files, same auto_map and architectures as save_pretrained; loads with trust_remote_code alone."""
+    import subprocess
+    import sys
+
+    from transformers import AutoProcessor
+
+    from modeling_saisa import SaisaForConditionalGeneration
+    from modeling_saisa.cli import main
+
+    src, _, _ = make_original(tmp_path, "orig", vision_keys=True)
+    out, saved = tmp_path / "out", tmp_path / "saved"
+    assert main(["convert", str(src), str(out)]) == 0
+    SaisaForConditionalGeneration.from_pretrained(out).save_pretrained(saved)
+    AutoProcessor.from_pretrained(out).save_pretrained(saved)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in saved.iterdir())
+    converted, resaved = (json.loads((d / "config.json").read_text()) for d in (out, saved))
+    assert converted["auto_map"] == resaved["auto_map"] and len(converted["auto_map"]) == 2
+    assert converted["architectures"] == resaved["architectures"] == ["SaisaForConditionalGeneration"]
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only"} & set(tokenizer_config)
+    code = (
+        "import sys; from transformers import AutoModelForImageTextToText as A; "
+        "m = A.from_pretrained(sys.argv[1], trust_remote_code=True); "
+        "print(type(m).__name__)"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "SaisaForConditionalGeneration"
 
 
 def test_source_resolution_errors(tmp_path):
@@ -620,7 +696,7 @@ def test_cli_conversion_answers_through_pipeline(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ llava-hf
 
 
-def _tiny_llava(directory: Path, *, hub_layout: bool):
+def tiny_llava(directory: Path, *, hub_layout: bool):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     from modeling_saisa.tokenizers import build_word_tokenizer
@@ -656,7 +732,7 @@ def test_from_llava(tmp_path, hub_layout):
     from modeling_saisa import SaisaForConditionalGeneration
     from modeling_saisa.convert import convert_from_llava
 
-    llava = _tiny_llava(tmp_path / "llava", hub_layout=hub_layout)
+    llava = tiny_llava(tmp_path / "llava", hub_layout=hub_layout)
     out = tmp_path / "out"
     convert_from_llava(tmp_path / "llava", out)
     model, info = SaisaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
@@ -682,7 +758,7 @@ def test_from_llava(tmp_path, hub_layout):
 def test_from_llava_cli_shared_projector(tmp_path):
     from modeling_saisa.cli import main
 
-    _tiny_llava(tmp_path / "llava", hub_layout=False)
+    tiny_llava(tmp_path / "llava", hub_layout=False)
     out = tmp_path / "out"
     assert main(["convert", "--from-llava", "--keep-shared-projector", str(tmp_path / "llava"), str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
@@ -697,7 +773,7 @@ def test_from_llava_cli_shared_projector(tmp_path):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_compose_from_pretrained(tmp_path, tied):
+def test_compose_from_pretrained(tmp_path, tied, capfd):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from modeling_saisa import SaisaForConditionalGeneration
@@ -718,7 +794,13 @@ def test_compose_from_pretrained(tmp_path, tied):
         )
     )
     lm.save_pretrained(text_dir)
+    capfd.readouterr()
     model, processor = SaisaForConditionalGeneration.from_vision_text_pretrained(str(clip_dir), str(text_dir))
+    report = "".join(capfd.readouterr())
+    assert "UNEXPECTED" not in report and "text_model" not in report  # the full CLIP's text half is not news
+    from transformers import CLIPVisionModel
+
+    assert "_keys_to_ignore_on_load_unexpected" not in CLIPVisionModel.__dict__  # restored after the load
     assert model.config.shared_projector and len(model.model.multi_modal_projector) == 1
     assert model.config.tie_word_embeddings == tied
     embed = model.get_input_embeddings().weight

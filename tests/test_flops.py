@@ -125,6 +125,35 @@ def test_cli_table_and_errors(capsys) -> None:
     assert cli_main(["flops", "--text-tokens", "128"]) == 0
     assert "SAISA (LLM + projectors)" in capsys.readouterr().out
     assert cli_main(["flops", "--model", "/nonexistent/dir"]) == 2
+    err = capsys.readouterr().err
+    assert "--model '/nonexistent/dir': no such model directory or config.json" in err and "preset" not in err
+
+
+@pytest.mark.parametrize("full_clip", [False, True])
+def test_cli_original_config_reads_a_local_tower_config(tmp_path, capsys, full_clip) -> None:
+    """`mm_vision_tower` naming a local directory: its config decides the patch count, not the name."""
+    from transformers import CLIPConfig, CLIPVisionConfig
+
+    tower = tmp_path / "my-clip-vit-large-patch14-336"  # the name says 576 patches; the config says 16
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    vision.update(image_size=8, patch_size=2)
+    (CLIPConfig(vision_config=vision) if full_clip else CLIPVisionConfig(**vision)).save_pretrained(tower)
+    raw = dict(
+        model_type="llava_llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=99,
+        mm_hidden_size=32,
+        mm_vision_tower=str(tower),
+    )
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert cli_main(["flops", "--model", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["visual_tokens"] == 16
+    assert out["shape"]["vision"]["patch_size"] == 2 and out["shape"]["vision"]["image_size"] == 8
 
 
 # ------------------------------------------------------------------ FlopCounterMode cross-checks

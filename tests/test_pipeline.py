@@ -9,6 +9,8 @@ named, the directory is all it needs.)
 
 from __future__ import annotations
 
+import re
+
 import PIL.Image
 import pytest
 import torch
@@ -159,6 +161,11 @@ def test_pipeline_reports_bad_inputs(model, processor, images, tmp_path):
         pipe(text=chat("what", {"type": "image", "path": missing}), max_new_tokens=2)
     with pytest.raises(ValueError, match=r"Message 0 \(user\) is empty"):
         pipe(text=chat(" "), max_new_tokens=2)
+    # A plain prompt with `images=` a missing path: the pipeline loads it itself, and says the same as the processor.
+    with pytest.raises(ValueError, match=f"^Image file '{re.escape(missing)}' does not exist.$"):
+        pipe(images=missing, text="USER: <image>\nwhat ASSISTANT:", max_new_tokens=2)
+    with pytest.raises(ValueError, match="^Image file 'nope.jpg' does not exist.$"):
+        pipe(images=[images["red"], "nope.jpg"], text="USER: <image>\n<image>\nwhat ASSISTANT:", max_new_tokens=2)
 
 
 def test_mixed_image_and_text_only_batch_equals_one_by_one(model, processor, images):

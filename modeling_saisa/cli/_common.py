@@ -11,14 +11,19 @@ import os
 import sys
 from typing import Any, TextIO
 
+from modeling_saisa.model_dirs import check_model_dir
+
 __all__ = [
     "add_generation_arguments",
     "add_model_arguments",
     "check_image_file",
+    "check_no_image_tags",
+    "fit_to_context",
     "generation_kwargs",
     "load_model_and_processor",
     "make_streamer",
     "model_inputs",
+    "resolve_device",
 ]
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -54,7 +59,8 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     given = {name: value for name, value in knobs.items() if value is not None}
     if given and not args.do_sample:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
-        raise ValueError(f"{flags} only apply to sampling; add --do-sample.")
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ValueError(f"{flags} only {verb} to sampling; add --do-sample.")
     if args.temperature is not None and args.temperature <= 0:
         raise ValueError(f"--temperature must be positive, got {args.temperature}.")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -79,16 +85,31 @@ def check_image_file(path: str) -> str:
     return path
 
 
-def _resolve_device(name: str) -> str:
+def resolve_device(name: str) -> str:
+    """`--device` -> a device this machine has, checked before the model loads (loading can take minutes).
+
+    'auto' picks cuda, else mps, else cpu. A name torch cannot parse, or a CUDA / MPS device this build or machine
+    lacks, is a usage error with one line, not a traceback after loading.
+    """
     import torch
 
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device; expected auto, cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {name!r}: {build} (torch {torch.__version__}); use --device cpu or auto.")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name!r}: only {count} CUDA device(s) (cuda:0..cuda:{count - 1}).")
+    if device.type == "mps" and not has_mps:
+        raise ValueError(f"--device {name!r}: MPS is not available on this machine; use --device cpu or auto.")
+    return name
 
 
 def load_model_and_processor(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -100,14 +121,27 @@ def load_model_and_processor(args: argparse.Namespace) -> tuple[Any, Any]:
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    local = os.path.isdir(args.model)
-    if not local and (os.path.exists(args.model) or args.model.startswith((".", os.sep, "~"))):
-        raise FileNotFoundError(f"Model directory {args.model!r} does not exist.")
+    check_model_dir(args.model)
+    device = resolve_device(args.device)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     processor = AutoProcessor.from_pretrained(args.model)
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
-    model = model.to(_resolve_device(args.device)).eval()
+    model = model.to(device).eval()
     return model, processor
+
+
+def check_no_image_tags(text: str, where: str) -> str:
+    """The commands place the images themselves (one per --image or /image, before the text).
+
+    An `<image>` typed into the text would be a second placeholder for the same image, and the processor's count
+    ("2 <image> tag(s) but 1 image(s)") would not say where the extra one came from.
+    """
+    if "<image>" in text:
+        raise ValueError(
+            f"{where} contains '<image>': the command places each image itself (--image / /image PATH, before the "
+            "text); remove '<image>' from the text."
+        )
+    return text
 
 
 def model_inputs(processor: Any, model: Any, messages: list[dict[str, Any]]) -> Any:
@@ -116,6 +150,33 @@ def model_inputs(processor: Any, model: Any, messages: list[dict[str, Any]]) -> 
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
     return inputs.to(model.device, dtype=model.dtype)
+
+
+def fit_to_context(model: Any, inputs: Any, kwargs: dict[str, Any], stderr: TextIO | None = None) -> dict[str, Any]:
+    """Check the token budget before generating: the prompt must leave room in the model's context.
+
+    Why before: the model only notices when a position passes its context, after streaming part of the answer,
+    and the answer is lost. A prompt that fills the context is an error; a `--max-new-tokens` that would pass it is
+    lowered to what fits, with a note on stderr.
+    """
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if not context:
+        return kwargs
+    prompt = int(inputs["input_ids"].shape[1])
+    if prompt >= context:
+        raise ValueError(
+            f"The prompt is {prompt} tokens (images included) but the model's context is {context} tokens: no room "
+            "left for an answer; shorten the prompt, use fewer images, or /reset the chat."
+        )
+    room = context - prompt
+    if kwargs["max_new_tokens"] > room:
+        print(
+            f"note: --max-new-tokens lowered from {kwargs['max_new_tokens']} to {room}: the prompt takes {prompt} "
+            f"of the model's {context}-token context.",
+            file=stderr if stderr is not None else sys.stderr,
+        )
+        kwargs = {**kwargs, "max_new_tokens": room}
+    return kwargs
 
 
 def make_streamer(processor: Any, stream: TextIO | None = None) -> Any:

@@ -15,6 +15,8 @@ from modeling_saisa.cli._common import (
     add_generation_arguments,
     add_model_arguments,
     check_image_file,
+    check_no_image_tags,
+    fit_to_context,
     generation_kwargs,
     load_model_and_processor,
     make_streamer,
@@ -61,24 +63,40 @@ class ChatSession:
         self.messages.clear()
         self.pending_images.clear()
 
-    def ask(self, text: str) -> str:
-        """Send one user message (with the pending images), stream the answer, remember and return it."""
+    def prepare(self, text: str, stderr: TextIO | None = None) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+        """Everything that can fail on the user's input, before anything is printed as the answer.
+
+        Returns the user turn, the model inputs and the generate kwargs (`--max-new-tokens` lowered to what the
+        context leaves, with a note on `stderr`).
+        """
+        check_no_image_tags(text, "Your message")
         content = [{"type": "image", "path": path} for path in self.pending_images]
         content.append({"type": "text", "text": text})
         turn = {"role": "user", "content": content}
         inputs = model_inputs(self.processor, self.model, [*self.messages, turn])
-        output = self.model.generate(
-            **inputs, streamer=make_streamer(self.processor, self.stream), **self.generate_kwargs
-        )
+        kwargs = fit_to_context(self.model, inputs, self.generate_kwargs, stderr)
+        return turn, inputs, kwargs
+
+    def respond(self, turn: dict[str, Any], inputs: Any, kwargs: dict[str, Any]) -> str:
+        """Stream the answer to a prepared turn, remember both and return the answer."""
+        output = self.model.generate(**inputs, streamer=make_streamer(self.processor, self.stream), **kwargs)
         new_tokens = output[0, inputs["input_ids"].shape[1] :]
         answer = self.processor.decode(new_tokens, skip_special_tokens=True).strip()
         self.messages += [turn, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
         self.pending_images = []
         return answer
 
+    def ask(self, text: str) -> str:
+        """Send one user message (with the pending images), stream the answer, remember and return it."""
+        return self.respond(*self.prepare(text))
+
 
 def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
-    """Read lines until `/exit` or end of input; a bad image path or message is reported and the chat goes on."""
+    """Read lines until `/exit` or end of input; a bad image path or message is reported and the chat goes on.
+
+    A message that fails is not sent: its pending images stay for the next message (`/reset` drops them), and
+    "ASSISTANT: " is printed only once the input has been checked.
+    """
     print(HELP, file=stderr)
     session.stream = stdout
     while True:
@@ -111,13 +129,23 @@ def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextI
         if line.startswith("/"):
             print(f"error: unknown command {line.split()[0]!r}. {HELP}", file=stderr)
             continue
+        try:
+            prepared = session.prepare(line, stderr)
+        except (ValueError, OSError) as err:
+            print(f"error: {err}{_pending_note(session)}", file=stderr)
+            continue
         stdout.write("ASSISTANT: ")
         stdout.flush()
         try:
-            session.ask(line)
+            session.respond(*prepared)
         except (ValueError, OSError) as err:
-            session.pending_images = []
-            print(f"\nerror: {err}", file=stderr)
+            print(f"\nerror: {err}{_pending_note(session)}", file=stderr)
+
+
+def _pending_note(session: ChatSession) -> str:
+    if not session.pending_images:
+        return ""
+    return f" (still pending for your next message: {', '.join(session.pending_images)}; /reset drops them)"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from modeling_saisa.flops import PRESETS, flops_report
 
@@ -43,7 +44,9 @@ def _tflops(x: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    source = args.model or args.preset or "llava-1.5-7b"
+    if args.model is not None and not os.path.exists(os.path.expanduser(args.model)):
+        raise FileNotFoundError(f"--model {args.model!r}: no such model directory or config.json")
+    source = os.path.expanduser(args.model) if args.model else args.preset or "llava-1.5-7b"
     report = flops_report(source, args.text_tokens, args.visual_tokens, args.shortv_layers)
     report["source"] = source
     if args.json:

@@ -12,6 +12,8 @@ from modeling_saisa.cli._common import (
     add_generation_arguments,
     add_model_arguments,
     check_image_file,
+    check_no_image_tags,
+    fit_to_context,
     generation_kwargs,
     load_model_and_processor,
     make_streamer,
@@ -43,6 +45,7 @@ def build_messages(prompt: str, images: list[str]) -> list[dict]:
     """One user turn: the images (in order) then the text, the layout of SAISA's training prompts."""
     if not prompt.strip():
         raise ValueError("--prompt is empty; write a question or instruction.")
+    check_no_image_tags(prompt, "--prompt")
     content = [{"type": "image", "path": path} for path in images]
     content.append({"type": "text", "text": prompt})
     return [{"role": "user", "content": content}]
@@ -54,5 +57,6 @@ def run(args: argparse.Namespace) -> int:
     kwargs = generation_kwargs(args)
     model, processor = load_model_and_processor(args)
     inputs = model_inputs(processor, model, messages)
+    kwargs = fit_to_context(model, inputs, kwargs)
     model.generate(**inputs, streamer=make_streamer(processor), **kwargs)
     return 0

@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Any
 
+from modeling_saisa.model_dirs import check_model_dir
+
 __all__ = ["build_parser", "parse", "register", "run"]
 
 
@@ -75,7 +77,11 @@ def build_parser() -> Any:
         help="Stage 2: copy this shared projector (shared_projector.safetensors or a stage-1 checkpoint) into "
         "every layer.",
     )
-    group.add_argument("--dtype", help="Load the weights in this dtype (e.g. bfloat16); default: as saved.")
+    group.add_argument(
+        "--dtype",
+        help="Train the weights themselves in this dtype ('auto': as stored). Default: float32 master weights, "
+        "with --bf16/--fp16 (picked for the GPU) computing in low precision.",
+    )
     group.add_argument("--attn-implementation", "--attn_implementation", dest="attn_implementation")
     return parser
 
@@ -83,6 +89,23 @@ def build_parser() -> Any:
 def _given(argv: list[str], *names: str) -> bool:
     flags = {f"--{n}" for name in names for n in (name, name.replace("_", "-"))}
     return any(arg.split("=", 1)[0] in flags for arg in argv)
+
+
+# Options that transformers 5 removed from TrainingArguments, with what replaces them: old configs and commands
+# (LLaVA's scripts, transformers 4 tutorials) still carry them, and argparse's "unrecognized arguments" does not say
+# what to write instead.
+REMOVED_OPTIONS = {
+    "warmup_ratio": "use warmup_steps with a float below 1 (e.g. --warmup-steps 0.03 = 3 % of the steps)",
+}
+
+
+def _check_removed(names: list[str], where: str) -> None:
+    for name in names:
+        if name in REMOVED_OPTIONS:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{where}{flag} no longer exists in transformers 5's TrainingArguments: {REMOVED_OPTIONS[name]}."
+            )
 
 
 def parse(argv: list[str]) -> tuple[Any, argparse.Namespace]:
@@ -105,10 +128,12 @@ def parse(argv: list[str]) -> tuple[Any, argparse.Namespace]:
         if not isinstance(loaded, dict):
             raise ValueError(f"{config_path}: expected a mapping of option names to values.")
         from_yaml = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+        _check_removed(sorted(from_yaml), f"{config_path}: ")
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(from_yaml) - known)
         if unknown:
             raise ValueError(f"{config_path}: unknown option(s) {unknown}.")
+    _check_removed([name for name in REMOVED_OPTIONS if _given(argv, name)], "")
     defaults: dict[str, Any] = {"remove_unused_columns": False}
     if not (_given(argv, "bf16", "fp16", "use_cpu") or {"bf16", "fp16", "use_cpu"} & set(from_yaml)):
         defaults.update(auto_precision())
@@ -120,6 +145,7 @@ def parse(argv: list[str]) -> tuple[Any, argparse.Namespace]:
         raise ValueError(f"missing {', '.join(missing)} (on the command line or in --config).")
     if not _given(argv, "output_dir") and "output_dir" not in from_yaml:
         raise ValueError("missing --output-dir (on the command line or in --config).")
+    check_model_dir(saisa_args.model)
     if saisa_args.lora and saisa_args.stage != 2:
         raise ValueError("--lora is a stage-2 option: stage 1 trains only the shared projector.")
     return training_args, saisa_args

@@ -30,6 +30,7 @@ from modeling_saisa.training.collator import BadExampleError, ConversationEncode
 
 __all__ = [
     "Example",
+    "ExampleList",
     "SaisaSupervisedDataset",
     "examples_from_hf",
     "llava_to_messages",
@@ -89,7 +90,21 @@ def _row_images(row: dict) -> list[Any]:
     return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
-def load_llava_json(path: str | os.PathLike, on_bad: OnBad = "skip") -> list[Example]:
+class ExampleList(list):
+    """The rows of a file, plus `bad`: `(id, reason)` of the rows already left out while reading it.
+
+    Why: `SaisaSupervisedDataset` reports every skipped row in one count ("Skipped 5 of 10 rows"); without this the
+    rows dropped at reading time would be missing from both numbers.
+    """
+
+    bad: list[tuple[str, str]]
+
+    def __init__(self, examples: Sequence[Example] = (), bad: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(examples)
+        self.bad = list(bad)
+
+
+def load_llava_json(path: str | os.PathLike, on_bad: OnBad = "skip") -> ExampleList:
     """Read a LLaVA conversation file (`.json` list or `.jsonl`) into `Example`s with image paths as written.
 
     Rows whose structure is unusable (no conversations, unknown speaker) are reported and skipped, or raise, by
@@ -102,7 +117,7 @@ def load_llava_json(path: str | os.PathLike, on_bad: OnBad = "skip") -> list[Exa
             rows = json.load(f)
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}.")
-    examples = []
+    examples = ExampleList()
     for index, row in enumerate(rows):
         example_id = str(row.get("id", index)) if isinstance(row, dict) else str(index)
         try:
@@ -113,6 +128,7 @@ def load_llava_json(path: str | os.PathLike, on_bad: OnBad = "skip") -> list[Exa
             if on_bad == "raise":
                 raise
             logger.warning("Skipping %s", err)
+            examples.bad.append((str(err.example_id), err.reason))
             continue
         examples.append(Example(example_id, messages, _row_images(row)))
     return examples
@@ -195,18 +211,22 @@ class SaisaSupervisedDataset(torch.utils.data.Dataset):
         self.image_folder = None if image_folder is None else os.fspath(image_folder)
         self.encoder = ConversationEncoder(processor, max_length=max_length)
         self.on_bad = on_bad
-        self.bad: list[tuple[str, str]] = []
+        # Rows the reader already left out (load_llava_json) count among the skipped ones.
+        self.bad: list[tuple[str, str]] = list(getattr(examples, "bad", []))
+        read_bad = len(self.bad)
         view = examples.scan_view() if isinstance(examples, HFExamples) else examples
         self.indices = [i for i, example in enumerate(view) if self._check(example, check_images, max_length)]
+        total = len(view) + read_bad
         if self.bad:
             logger.warning(
-                "Skipped %d of %d rows; first ones: %s",
+                "Skipped %d of %d rows%s; first ones: %s",
                 len(self.bad),
-                len(view),
+                total,
+                f" ({read_bad} while reading the file)" if read_bad else "",
                 "; ".join(f"{i}: {r}" for i, r in self.bad[:5]),
             )
         if not self.indices:
-            raise ValueError(f"No usable training rows: all {len(view)} were bad (see the warnings above).")
+            raise ValueError(f"No usable training rows: all {total} were bad (see the warnings above).")
 
     def _report(self, err: BadExampleError) -> None:
         if self.on_bad == "raise":

@@ -37,6 +37,7 @@ __all__ = [
     "stage2_from_stage1",
     "train_stage",
     "trainable_summary",
+    "training_dtype",
 ]
 
 logger = logging.getLogger(__name__)
@@ -159,9 +160,16 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
 
 
 def parameter_groups(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """`{group: (trainable, total)}` parameter counts for vision tower, projectors, LLM and LoRA adapters."""
+    """`{group: (trainable, total)}` parameter counts for vision tower, projectors, LLM and LoRA adapters.
+
+    PEFT's `modules_to_save` keeps a frozen `original_module` beside the trained copy of each projector; it is a
+    backup for disabling the adapter, not part of the model being trained, so it is not counted (else projectors
+    that train in full would read as half trainable).
+    """
     groups: dict[str, list[int]] = {}
     for name, param in model.named_parameters():
+        if ".original_module." in name:
+            continue
         if "lora_" in name:
             group = "lora"
         elif "vision_tower" in name:
@@ -210,9 +218,7 @@ def load_for_stage(
     """
     from modeling_saisa import SaisaForConditionalGeneration
 
-    kwargs: dict[str, Any] = {}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    kwargs: dict[str, Any] = {"dtype": training_dtype(model_dir, dtype)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = SaisaForConditionalGeneration.from_pretrained(model_dir, **kwargs)
@@ -232,6 +238,45 @@ def load_for_stage(
     if lora is not None:
         model = apply_lora(model, lora)
     return model
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def training_dtype(model_dir: str | os.PathLike, dtype: str | torch.dtype | None) -> torch.dtype:
+    """The dtype to train the weights in: float32 unless the caller asks for another one explicitly.
+
+    Why: a checkpoint stored in bf16/fp16 (a converted or composed model usually is) trained in that dtype loses most
+    small updates to rounding (after a few stage-2 steps most of `up_proj`'s updates round away). With float32
+    master weights, Trainer's `bf16`/`fp16` flags still compute in low precision (autocast), which is the usual
+    mixed-precision recipe. An explicit `dtype` (`saisa train --dtype bfloat16`) is honoured, with a warning.
+    """
+    from modeling_saisa import SaisaConfig
+
+    stored = getattr(SaisaConfig.from_pretrained(model_dir), "dtype", None)
+    stored = getattr(torch, stored) if isinstance(stored, str) else stored
+    if dtype is None:
+        if stored in LOW_PRECISION:
+            logger.info(
+                "The checkpoint is stored in %s; training keeps float32 master weights (Trainer's --bf16/--fp16 "
+                "compute in low precision). Pass --dtype %s to train the low-precision weights themselves.",
+                str(stored).removeprefix("torch."),
+                str(stored).removeprefix("torch."),
+            )
+        return torch.float32
+    if dtype == "auto":  # explicitly "as stored"
+        chosen = stored if isinstance(stored, torch.dtype) else torch.float32
+    else:
+        chosen = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(chosen, torch.dtype):
+        raise ValueError(f"--dtype must be a torch dtype name such as float32 or bfloat16; got {dtype!r}.")
+    if chosen in LOW_PRECISION:
+        logger.warning(
+            "Training the weights in %s as asked (--dtype): without float32 master weights, small updates round "
+            "away. Leave --dtype out for float32 master weights with mixed precision.",
+            str(chosen).removeprefix("torch."),
+        )
+    return chosen
 
 
 def _n_layers(model: nn.Module) -> int:
