@@ -34,6 +34,7 @@ __all__ = [
     "merge_lora_checkpoint",
     "parameter_groups",
     "projector_module_names",
+    "set_sharding_units",
     "stage2_from_stage1",
     "train_stage",
     "trainable_summary",
@@ -114,6 +115,25 @@ def stage2_from_stage1(model: nn.Module) -> nn.Module:
     stage2.generation_config = copy.deepcopy(model.generation_config)
     stage2.train(model.training)
     return stage2
+
+
+def set_sharding_units(model: nn.Module) -> list[str]:
+    """Name the module classes FSDP wraps one by one: decoder layers, vision layers and every per-layer projector.
+
+    accelerate's `TRANSFORMER_BASED_WRAP` (and Trainer's `--fsdp auto_wrap`) wrap the classes in the model's
+    `_no_split_modules`, and fail if one of them is absent. transformers collects that list from the sub-models'
+    classes, so a CLIP vision tower brings `CLIPTextEmbeddings` (listed on all CLIP models, present only in the text
+    model): the plain list stops FSDP before it starts. This keeps the classes the model really contains and adds
+    the projector class, so each projector is its own unit (sharded, gathered only for its own layer) instead of
+    sitting in the root unit, which FSDP keeps gathered through the whole step (32 projectors of a 7B SAISA are
+    0.67 B parameters). Sets the list on the model (in place) and returns it; DDP and DeepSpeed ignore it.
+    """
+    saisa = _saisa(model)
+    present = {type(module).__name__ for module in saisa.modules()}
+    declared = set(getattr(saisa, "_no_split_modules", None) or [])
+    units = sorted((declared & present) | {type(saisa.model.multi_modal_projector[0]).__name__})
+    saisa._no_split_modules = units
+    return units
 
 
 def freeze_for_stage(model: nn.Module, stage: int, train_vision: bool = False) -> nn.Module:
@@ -235,6 +255,7 @@ def load_for_stage(
     elif init_projectors_from is not None:
         raise ValueError("--init-projectors-from is a stage-2 option.")
     freeze_for_stage(model, stage, train_vision=train_vision)
+    set_sharding_units(model)
     if lora is not None:
         model = apply_lora(model, lora)
     return model
@@ -313,12 +334,14 @@ def train_stage(
     dtype: str | None = None,
     attn_implementation: str | None = None,
     resume_from_checkpoint: str | bool | None = None,
+    callbacks: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Run one stage end to end and save the result in our format under `training_args.output_dir`.
 
     `data` is a LLaVA JSON / JSONL path, a `datasets.Dataset` (messages + image columns) or a directory saved with
     `Dataset.save_to_disk`. The final directory holds a plain `SaisaForConditionalGeneration` (LoRA merged; the
-    adapter itself is kept under `adapter/`) and the processor, loadable with `from_pretrained`. Returns Trainer's
+    adapter itself is kept under `adapter/`) and the processor, loadable with `from_pretrained`. `callbacks` go to
+    Trainer as they are (e.g. to look at the live, possibly sharded model when training ends). Returns Trainer's
     train metrics plus `output_dir`.
     """
     from transformers import AutoProcessor, Trainer
@@ -357,11 +380,19 @@ def train_stage(
         train_dataset=dataset,
         data_collator=SaisaDataCollator(processor, max_length=max_length),
         processing_class=processor,
+        callbacks=callbacks,
     )
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     output_dir = training_args.output_dir
+    fsdp_plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if fsdp_plugin is not None and "FULL_STATE_DICT" not in str(fsdp_plugin.state_dict_type):
+        # Sharded checkpoints resume fast, but Trainer.save_model writes nothing at all for a sharded state dict:
+        # gather the final model whole, so that the output is always one `from_pretrained` directory.
+        fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     if lora is None:
         trainer.save_model(output_dir)
+        if trainer.is_world_process_zero():
+            _undo_fsdp_class_in_saved_code(trainer.model, output_dir)
     else:
         adapter_dir = os.path.join(output_dir, "adapter")
         trainer.save_model(adapter_dir)
@@ -372,3 +403,36 @@ def train_stage(
             processor.save_pretrained(output_dir)
     trainer.accelerator.wait_for_everyone()
     return {**result.metrics, "output_dir": output_dir, "skipped_rows": len(dataset.bad)}
+
+
+def _undo_fsdp_class_in_saved_code(model: nn.Module, output_dir: str | os.PathLike) -> None:
+    """Point a saved model's `auto_map` back at SAISA's class after FSDP2 swapped the live model's class.
+
+    FSDP2's `fully_shard` turns the model's class into `FSDP<Class>` (a subclass defined in torch), and
+    `save_pretrained` writes the code of `type(model)`: torch's `_fsdp_*.py` files land in the output and
+    `auto_map` names `_fsdp_init.FSDPSaisaForConditionalGeneration`, so `trust_remote_code` loading would break.
+    This removes those files and writes SAISA's own code and `auto_map` entry, as an unsharded save would.
+    """
+    import inspect
+    import json
+
+    from transformers.dynamic_module_utils import custom_object_save
+
+    live_class = type(model)
+    if not live_class.__name__.startswith("FSDP") or len(live_class.__bases__) < 2:
+        return
+    plain_class = live_class.__bases__[-1]
+    if getattr(plain_class, "_auto_class", None) is None:
+        return
+    stray = {name for name in os.listdir(os.path.dirname(inspect.getfile(live_class))) if name.endswith(".py")}
+    for name in stray & set(os.listdir(output_dir)):
+        os.remove(os.path.join(output_dir, name))
+    config_file = os.path.join(output_dir, "config.json")
+    with open(config_file, encoding="utf-8") as f:
+        config = json.load(f)
+    config.get("auto_map", {}).pop(plain_class._auto_class, None)
+    # custom_object_save reads only the class of what it is given: an uninitialised instance is enough.
+    custom_object_save(plain_class.__new__(plain_class), output_dir, config=config)
+    with open(config_file, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
