@@ -17,8 +17,10 @@ __all__ = [
     "check_image_file",
     "generation_kwargs",
     "load_model_and_processor",
+    "add_visual_policy_argument",
     "make_streamer",
     "model_inputs",
+    "parse_visual_policy",
 ]
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -33,6 +35,44 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default="auto", choices=DTYPES, help="weights dtype ('auto': as saved in the checkpoint)"
     )
+
+
+def add_visual_policy_argument(parser: argparse.ArgumentParser) -> None:
+    """`--visual-policy SPEC`: one policy name, a comma-separated per-layer list, a preset name or a preset file."""
+    parser.add_argument(
+        "--visual-policy",
+        default=None,
+        metavar="SPEC",
+        help=(
+            "per-layer visual policy: one of injected/dense/frozen/naavit/composite/composite_noffn for every layer, "
+            "a comma-separated list (one entry per decoder layer), a preset (shortv-llava-1.5-7b, "
+            "shortv-llava-1.5-13b) or a preset JSON file written by `saisa lc`"
+        ),
+    )
+
+
+def parse_visual_policy(spec: str, num_layers: int) -> list[str]:
+    """The per-layer list a `--visual-policy` string asks for (commas split a list; the rest is
+    `modeling_saisa.policies.resolve_visual_policy`'s: a name, a preset or a file)."""
+    from modeling_saisa.policies import resolve_visual_policy
+
+    spec = spec.strip()
+    if not spec:
+        raise ValueError("--visual-policy is empty; give a policy name, a comma-separated list, a preset or a file.")
+    if "," in spec and not os.path.exists(spec):
+        return resolve_visual_policy([part.strip() for part in spec.split(",")], num_layers)
+    return resolve_visual_policy(spec, num_layers)
+
+
+def _is_llava_hf(model: str) -> bool:
+    """A llava-hf directory (model_type `llava`): loaded through `from_llava`, its weights shared, not copied."""
+    import json
+
+    config = os.path.join(model, "config.json")
+    if not os.path.isfile(config):
+        return False
+    with open(config, encoding="utf-8") as handle:
+        return json.load(handle).get("model_type") == "llava"
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +132,11 @@ def _resolve_device(name: str) -> str:
 
 
 def load_model_and_processor(args: argparse.Namespace) -> tuple[Any, Any]:
-    """Load `SaisaForConditionalGeneration` and `SaisaProcessor` from `--model`, on `--device` in `--dtype`."""
+    """Load `SaisaForConditionalGeneration` and its processor from `--model`, on `--device` in `--dtype`.
+
+    A llava-hf directory goes through `SaisaForConditionalGeneration.from_llava` (all-`dense` unless
+    `--visual-policy` says otherwise); a SAISA directory gets `--visual-policy` set on its config.
+    """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -105,7 +149,18 @@ def load_model_and_processor(args: argparse.Namespace) -> tuple[Any, Any]:
         raise FileNotFoundError(f"Model directory {args.model!r} does not exist.")
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     processor = AutoProcessor.from_pretrained(args.model)
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
+    spec = getattr(args, "visual_policy", None)
+    if local and _is_llava_hf(args.model):
+        from modeling_saisa import SaisaForConditionalGeneration
+
+        llava = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
+        layers = llava.config.text_config.num_hidden_layers
+        policy = parse_visual_policy(spec, layers) if spec else ["dense"] * layers
+        model = SaisaForConditionalGeneration.from_llava(llava, visual_policy=policy)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
+        if spec:  # read at forward time: the loaded weights serve any policy the checkpoint's modules allow
+            model.config.visual_policy = parse_visual_policy(spec, model.config.text_config.num_hidden_layers)
     model = model.to(_resolve_device(args.device)).eval()
     return model, processor
 
