@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "calibration_batches",
     "last_positions",
     "layer_contributions",
     "lc_order",
@@ -142,6 +143,46 @@ def layer_contributions(
     if count == 0:
         raise ValueError("no calibration prompts: the data gave no batches")
     return (sums / count).float()
+
+
+def _prompt_turns(messages: list[dict]) -> list[dict]:
+    """The turns before the first answer: the calibration prompt ends where the model would start answering."""
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant":
+            return messages[:index]
+    return messages
+
+
+def calibration_batches(
+    processor: Any, data: str, image_folder: str | None = None, batch_size: int = 4, max_prompts: int | None = None
+) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """Processor batches of the first user turn(s) of each LLaVA JSON conversation with images (the released
+    calibration: one prefill per prompt, the chat template's generation prompt appended). Returns (batches, n)."""
+    from PIL import Image
+
+    from modeling_saisa.training.data import load_llava_json
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    folder = image_folder if image_folder is not None else os.path.dirname(os.path.abspath(data))
+    prompts = [e for e in load_llava_json(data) if e.images][:max_prompts]
+    if not prompts:
+        raise ValueError(f"{data}: no conversation with an image (LC measures visual tokens)")
+    batches = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        texts = [
+            processor.apply_chat_template(_prompt_turns(e.messages), add_generation_prompt=True, tokenize=False)
+            for e in chunk
+        ]
+        images = []
+        for example in chunk:
+            for image in example.images:
+                path = image if os.path.isabs(image) else os.path.join(folder, image)
+                with Image.open(path) as handle:
+                    images.append(handle.convert("RGB"))
+        batches.append(dict(processor(text=texts, images=images, padding=True, return_tensors="pt")))
+    return batches, len(prompts)
 
 
 def lc_order(lc: torch.Tensor) -> list[int]:

@@ -146,3 +146,58 @@ def test_preset_round_trips_into_from_llava(tmp_path) -> None:
 def test_rejects_models_without_layers() -> None:
     with pytest.raises(TypeError, match="language_model.layers"):
         LC.layer_contributions(torch.nn.Linear(2, 2), [], progress=False)
+
+
+TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | upper }} : {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT :{% endif %}"
+)
+
+
+@pytest.mark.slow
+def test_cli_writes_order_preset_and_plot(tmp_path, capsys) -> None:
+    import PIL.Image
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    from modeling_saisa.cli import main
+    from modeling_saisa.tokenizers import build_word_tokenizer
+
+    model_dir = tmp_path / "llava"
+    model = _llava()
+    model.save_pretrained(model_dir)
+    tok = build_word_tokenizer("USER ASSISTANT : what color is it a red cat".split(), vocab_size=99)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
+    LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=2,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS, dropped by the "default" strategy: 16 tokens per image
+        chat_template=TEMPLATE,
+    ).save_pretrained(model_dir)
+    PIL.Image.new("RGB", (9, 7), (200, 30, 30)).save(tmp_path / "red.png")
+    rows = [
+        {
+            "id": str(i),
+            "image": "red.png",
+            "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": "a red cat"}],
+        }
+        for i, q in enumerate(["what color is it", "what is it", "color"])
+    ]
+    (tmp_path / "calib.json").write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    argv = ["lc", str(model_dir), "--data", str(tmp_path / "calib.json"), "--layers", "2", "--out", str(out)]
+    assert main([*argv, "--batch-size", "2", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / "visual_policy.json").read_text())
+    assert data["visual_policy"].count("frozen") == 2
+    assert f"order: {','.join(map(str, data['lc_order']))}" in printed
+    assert (out / "lc.png").read_bytes()[:4] == b"\x89PNG"
+    # batch size does not change the values (padding handled)
+    assert main([*argv, "--batch-size", "1", "--no-progress", "--out", str(tmp_path / "b1")]) == 0
+    again = json.loads((tmp_path / "b1" / "visual_policy.json").read_text())
+    torch.testing.assert_close(
+        torch.tensor(again["layer_contribution"]), torch.tensor(data["layer_contribution"]), rtol=1e-3, atol=1e-6
+    )
+    assert main(["lc", str(tmp_path), "--data", str(tmp_path / "calib.json")]) == 2  # not a model dir
