@@ -370,3 +370,20 @@ def test_cli_visual_policy(capsys) -> None:
     assert out["visual_policy"] == _shortv(32, SHORTV_7B)
     assert cli_main(["flops", "--visual-policy", "composite"]) == 0
     assert "--visual-policy composite" in capsys.readouterr().out
+
+
+def test_saisa_mixed_policies_match_flop_counter() -> None:
+    """A SAISA model whose list mixes `injected` with carried-state policies runs exactly the per-policy count."""
+    pytest.importorskip("modeling_saisa.policies", reason="needs the per-layer policy core (issue 10)")
+    tiny, model = _saisa_model()
+    cfg = model.config
+    layers = cfg.text_config.num_hidden_layers
+    policy = (["injected", "composite", "dense", "naavit", "frozen"] * layers)[:layers]
+    cfg.visual_policy = policy
+    v = cfg.image_seq_length
+    ids = _prompt(tiny.IMAGE_TOKEN_ID, v)
+    t = ids.shape[1] - v
+    px = torch.randn(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)
+    with torch.no_grad():
+        total, _ = _count(lambda: model(input_ids=ids, pixel_values=px, logits_to_keep=1))
+    assert total == F.policy_prefill_flops(F.model_shape(cfg), policy, t, v, lm_head_rows=1).total
