@@ -201,3 +201,6 @@ def test_cli_writes_order_preset_and_plot(tmp_path, capsys) -> None:
         torch.tensor(again["layer_contribution"]), torch.tensor(data["layer_contribution"]), rtol=1e-3, atol=1e-6
     )
     assert main(["lc", str(tmp_path), "--data", str(tmp_path / "calib.json")]) == 2  # not a model dir
+    # the preset drives `saisa generate` on the llava-hf directory (loaded through from_llava)
+    gen = ["generate", "--model", str(model_dir), "--image", str(tmp_path / "red.png"), "--prompt", "what color is it"]
+    assert main([*gen, "--visual-policy", str(out / "visual_policy.json"), "--max-new-tokens", "2"]) == 0
