@@ -13,6 +13,11 @@ not counted; attention is counted in full (no causal halving). With `t` text tok
 - KV-only visual layer (SAISA, ShortV's frozen layers): ``2t(4h+3m)h + 4vh^2 + 4t(t+v)h``
 - SAISA projectors: ``L * 2v(d_vision*h + h^2)``
 
+Per-layer visual policies (spec policies.md) add to the KV-only layer what the visual rows still compute:
+``naavit`` their FFN ``6vhm``, ``composite`` their o_proj ``2v*q_dim*h`` (the value is the K/V pass's own
+``v_proj``; self-only attention over one key is softmax = 1, no product) plus the FFN, ``composite_noffn`` the
+o_proj only, ``injected`` the layer's projector; ``frozen`` is the KV-only layer itself, ``dense`` a LLaVA layer.
+
 For GQA and for backbones whose ``n_heads * head_dim != h`` (Qwen3), the ``4h`` of q/k/v/o becomes
 ``2*q_dim + 2*kv_dim`` with ``q_dim = n_heads*head_dim`` and ``kv_dim = n_kv_heads*head_dim``, the visual k/v term
 ``4vh^2`` becomes ``4v*h*kv_dim`` (= ``4vh^2 * n_kv/n_heads`` when ``q_dim = h``) and the attention terms use
@@ -32,6 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 __all__ = [
+    "POLICY_LAYER_FLOPS",
     "PRESETS",
     "FlopsBreakdown",
     "ModelShape",
@@ -44,6 +50,8 @@ __all__ = [
     "llava_prefill_flops",
     "llava_train_flops",
     "model_shape",
+    "policy_layer_flops",
+    "policy_prefill_flops",
     "projector_flops",
     "saisa_prefill_flops",
     "saisa_train_flops",
@@ -149,6 +157,35 @@ def kv_only_layer_flops(s: TextShape, t: int, v: int) -> int:
     return _text_row_linear_flops(s, t) + 4 * v * s.hidden * s.kv_dim + 4 * t * (t + v) * s.q_dim
 
 
+def _visual_ffn_flops(s: TextShape, v: int) -> int:
+    return 2 * v * 3 * s.hidden * s.intermediate
+
+
+def _visual_o_proj_flops(s: TextShape, v: int) -> int:
+    return 2 * v * s.q_dim * s.hidden
+
+
+# Decoder-layer FLOPs (projectors excluded: `policy_prefill_flops` adds them) of each per-layer visual policy.
+POLICY_LAYER_FLOPS: dict[str, Any] = {
+    "dense": dense_layer_flops,
+    "frozen": kv_only_layer_flops,
+    "injected": kv_only_layer_flops,
+    "naavit": lambda s, t, v: kv_only_layer_flops(s, t, v) + _visual_ffn_flops(s, v),
+    "composite": lambda s, t, v: kv_only_layer_flops(s, t, v) + _visual_o_proj_flops(s, v) + _visual_ffn_flops(s, v),
+    "composite_noffn": lambda s, t, v: kv_only_layer_flops(s, t, v) + _visual_o_proj_flops(s, v),
+}
+
+
+def policy_layer_flops(s: TextShape, policy: str, t: int, v: int) -> int:
+    """One decoder layer under a visual policy (`dense`, `frozen`, `naavit`, `composite`, `composite_noffn`,
+    `injected`; the latter's projector is counted by `policy_prefill_flops`)."""
+    try:
+        formula = POLICY_LAYER_FLOPS[policy]
+    except KeyError:
+        raise ValueError(f"unknown visual policy {policy!r}; expected one of {', '.join(POLICY_LAYER_FLOPS)}") from None
+    return formula(s, t, v)
+
+
 def projector_flops(d_vision: int, h: int, v: int) -> int:
     """One LLaVA-style MLP projector (Linear(d_vision, h) -> GELU -> Linear(h, h)) on `v` visual tokens."""
     return 2 * v * (d_vision * h + h * h)
@@ -237,6 +274,29 @@ def saisa_prefill_flops(
         projector=shape.text.layers * projector_flops(shape.d_vision, shape.text.hidden, v) if v else 0,
         vision=vision_tower_flops(shape.vision, shape.images) if v else 0,
         lm_head=lm_head_flops(shape.text, lm_head_rows),
+    )
+
+
+def policy_prefill_flops(
+    shape: ModelShape, policies: list[str], t: int | None = None, v: int | None = None, lm_head_rows: int = 1
+) -> FlopsBreakdown:
+    """Prefill under a per-layer visual policy list (one entry per decoder layer).
+
+    Projectors: one per `injected` layer, plus LLaVA's single projector when layer 0 is not `injected` (its output
+    is layer 0's carried visual state). All-`injected` is SAISA, all-`dense` LLaVA, exactly.
+    """
+    t, v = _tokens(shape, t, v)
+    s = shape.text
+    policies = list(policies)
+    if len(policies) != s.layers:
+        raise ValueError(f"the visual policy needs one entry per decoder layer ({s.layers}), got {len(policies)}")
+    llm = sum(policy_layer_flops(s, p, t, v) for p in policies)
+    n_projectors = policies.count("injected") + int(policies[0] != "injected")
+    return FlopsBreakdown(
+        llm=llm,
+        projector=n_projectors * projector_flops(shape.d_vision, s.hidden, v) if v else 0,
+        vision=vision_tower_flops(shape.vision, shape.images) if v else 0,
+        lm_head=lm_head_flops(s, lm_head_rows),
     )
 
 
@@ -391,6 +451,7 @@ def flops_report(
     text_tokens: int | None = None,
     visual_tokens: int | None = None,
     shortv_layers: int | None = None,
+    visual_policy: list[str] | None = None,
 ) -> dict[str, Any]:
     """Prefill FLOPs of one prompt for LLaVA (`dense`), SAISA (`saisa`, `saisa_llm_only`) and optionally ShortV.
 
@@ -433,4 +494,14 @@ def flops_report(
         report["shortv"] = shortv.llm
         report["shortv_layers"] = shortv_layers
         report["shortv_reduction"] = 1.0 - shortv.llm / dense.llm
+    if visual_policy is not None:
+        # The papers' count for a policy list: decoder layers plus the `injected` layers' projectors (LLaVA's single
+        # projector is excluded from `dense` too, so it is left out here for a like-for-like ratio).
+        pol = policy_prefill_flops(shape, visual_policy, t, v)
+        per_projector = projector_flops(shape.d_vision, shape.text.hidden, v) if v else 0
+        report["policy"] = pol.llm + list(visual_policy).count("injected") * per_projector
+        report["policy_ratio"] = report["policy"] / dense.llm
+        report["policy_components"] = pol.as_dict()
+        report["visual_policy"] = list(visual_policy)
+        report["per_layer"]["policy"] = [policy_layer_flops(shape.text, p, t, v) for p in visual_policy]
     return report

@@ -285,3 +285,134 @@ def test_saisa_train_step_matches_flop_counter() -> None:
     expected = F.saisa_train_flops(shape, t, v)
     assert total == expected.vision + expected.llm + expected.projector + 3 * F.lm_head_flops(shape.text, rows[0])
     assert rows == [t], "SAISA should compute logits at the text rows only"
+
+
+# ------------------------------------------------------------------ per-layer visual policies (policies.md)
+SHORTV_7B = [31, 29, 30, 28, 0, 26, 27, 25, 24, 22, 23, 21, 2, 3, 20, 18, 17, 12, 19]
+SHORTV_13B = [39, 32, 28, 36, 27, 37, 29, 30, 1, 38, 25, 31, 2, 26, 23, 34, 0, 33, 35, 22, 24, 21, 20, 17]
+POLICIES = ("dense", "frozen", "naavit", "composite", "composite_noffn", "injected")
+
+
+def _shortv(layers: int, frozen: list[int]) -> list[str]:
+    return ["frozen" if i in frozen else "dense" for i in range(layers)]
+
+
+@pytest.mark.parametrize(
+    ("preset", "frozen", "tflops"), [("llava-1.5-7b", SHORTV_7B, 4.7), ("llava-1.5-13b", SHORTV_13B, 9.1)]
+)
+def test_shortv_published_lists_reproduce_the_papers_tflops(preset: str, frozen: list[int], tflops: float) -> None:
+    shape = F.model_shape(preset)
+    r = F.flops_report(preset, T, V, visual_policy=_shortv(shape.text.layers, frozen))
+    assert round(r["policy"] / 1e12, 1) == tflops
+    assert r["policy"] == F.flops_report(preset, T, V, shortv_layers=len(frozen))["shortv"]
+
+
+def test_uniform_policies_reduce_to_llava_and_saisa() -> None:
+    shape = F.model_shape("llava-1.5-7b")
+    layers = shape.text.layers
+    assert F.policy_prefill_flops(shape, ["dense"] * layers, T, V) == F.llava_prefill_flops(shape, T, V)
+    assert F.policy_prefill_flops(shape, ["injected"] * layers, T, V) == F.saisa_prefill_flops(shape, T, V)
+    r = F.flops_report(shape, T, V, visual_policy=["injected"] * layers)
+    assert r["policy"] == r["saisa"]
+    # ordering of the per-layer costs: what each policy keeps for the visual rows
+    cost = {p: F.policy_layer_flops(shape.text, p, T, V) for p in POLICIES}
+    assert cost["frozen"] == cost["injected"] < cost["composite_noffn"] < cost["naavit"] < cost["composite"]
+    assert cost["composite"] < cost["dense"]
+
+
+def test_policy_errors() -> None:
+    shape = F.model_shape("llava-1.5-7b")
+    with pytest.raises(ValueError, match="unknown visual policy 'sparse'"):
+        F.policy_layer_flops(shape.text, "sparse", T, V)
+    with pytest.raises(ValueError, match=r"one entry per decoder layer \(32\), got 3"):
+        F.policy_prefill_flops(shape, ["dense"] * 3, T, V)
+
+
+def _policy_layer_by_hand(layer, cfg, x: torch.Tensor, is_visual: torch.Tensor, policy: str) -> None:
+    """What one decoder layer must compute under `policy`, written from the spec with the layer's own modules:
+    text rows get everything; visual rows k/v only, plus what the policy keeps (no rotary: no FLOPs)."""
+    attn, heads, kv = layer.self_attn, cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = attn.head_dim
+    h = layer.input_layernorm(x)
+    text, vis = h[~is_visual], h[is_visual]
+    q = attn.q_proj(text).view(-1, heads, hd).transpose(0, 1)
+    k = attn.k_proj(h).view(-1, kv, hd).transpose(0, 1).repeat_interleave(heads // kv, 0)
+    val = attn.v_proj(h).view(-1, kv, hd).transpose(0, 1).repeat_interleave(heads // kv, 0)
+    out = torch.matmul(torch.matmul(q, k.transpose(1, 2)).softmax(-1), val).transpose(0, 1).reshape(len(text), -1)
+    layer.mlp(layer.post_attention_layernorm(x[~is_visual] + attn.o_proj(out)))
+    v_rows = val[:, is_visual].transpose(0, 1).reshape(int(is_visual.sum()), -1)  # self-only attention: its value
+    if policy in ("composite", "composite_noffn"):
+        vis = vis + attn.o_proj(v_rows)
+    if policy in ("naavit", "composite"):
+        layer.mlp(layer.post_attention_layernorm(vis))
+
+
+@pytest.mark.parametrize("policy", ["frozen", "naavit", "composite", "composite_noffn"])
+@pytest.mark.parametrize(
+    "text_kw",
+    [dict(num_key_value_heads=4), dict(), dict(model_type="qwen3", head_dim=16)],
+    ids=["mha", "gqa", "qwen3-head-dim"],
+)
+def test_policy_layer_formula_matches_flop_counter(policy: str, text_kw: dict) -> None:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(**_text_config(**text_kw))
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    layer = AutoModel.from_config(cfg).layers[0]
+    t, v = 7, 16
+    is_visual = torch.zeros(t + v, dtype=torch.bool)
+    is_visual[3 : 3 + v] = True
+    x = torch.randn(t + v, cfg.hidden_size)
+    with torch.no_grad():
+        counted, _ = _count(lambda: _policy_layer_by_hand(layer, cfg, x, is_visual, policy))
+    assert counted == F.policy_layer_flops(F.model_shape(cfg).text, policy, t, v)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [["dense", "frozen"], ["frozen", "dense"], ["naavit", "composite"], ["composite_noffn", "dense"]],
+    ids=lambda p: "-".join(p),
+)
+def test_from_llava_policies_match_flop_counter(policy: list[str]) -> None:
+    """The real model runs exactly the per-policy count: no visual q/o/attention rows/FFN where removed."""
+    pytest.importorskip("modeling_saisa.policies", reason="needs the per-layer policy core (issue 10)")
+    from modeling_saisa import SaisaForConditionalGeneration
+
+    llava = _llava().eval()
+    policy = [*policy, "dense"]  # the tiny model's 3 layers
+    model = SaisaForConditionalGeneration.from_llava(llava, visual_policy=policy)
+    model.set_attn_implementation("eager")
+    ids, px = _prompt(), torch.randn(1, 3, 8, 8)
+    t, v = 7, 16
+    with torch.no_grad():
+        total, per = _count(lambda: model(input_ids=ids, pixel_values=px, logits_to_keep=1))
+    expected = F.policy_prefill_flops(F.model_shape(llava.config), policy, t, v, lm_head_rows=1)
+    assert total == expected.total
+
+
+def test_cli_visual_policy(capsys) -> None:
+    pytest.importorskip("modeling_saisa.policies", reason="needs the per-layer policy core (issue 10)")
+    assert cli_main(["flops", "--json", "--visual-policy", "shortv-llava-1.5-7b"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert round(out["policy"] / 1e12, 1) == 4.7
+    assert out["visual_policy"] == _shortv(32, SHORTV_7B)
+    assert cli_main(["flops", "--visual-policy", "composite"]) == 0
+    assert "--visual-policy composite" in capsys.readouterr().out
+
+
+def test_saisa_mixed_policies_match_flop_counter() -> None:
+    """A SAISA model whose list mixes `injected` with carried-state policies runs exactly the per-policy count."""
+    pytest.importorskip("modeling_saisa.policies", reason="needs the per-layer policy core (issue 10)")
+    tiny, model = _saisa_model()
+    cfg = model.config
+    layers = cfg.text_config.num_hidden_layers
+    policy = (["injected", "composite", "dense", "naavit", "frozen"] * layers)[:layers]
+    cfg.visual_policy = policy
+    v = cfg.image_seq_length
+    ids = _prompt(tiny.IMAGE_TOKEN_ID, v)
+    t = ids.shape[1] - v
+    px = torch.randn(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)
+    with torch.no_grad():
+        total, _ = _count(lambda: model(input_ids=ids, pixel_values=px, logits_to_keep=1))
+    assert total == F.policy_prefill_flops(F.model_shape(cfg), policy, t, v, lm_head_rows=1).total

@@ -21,8 +21,10 @@ __all__ = [
     "fit_to_context",
     "generation_kwargs",
     "load_model_and_processor",
+    "add_visual_policy_argument",
     "make_streamer",
     "model_inputs",
+    "parse_visual_policy",
     "resolve_device",
 ]
 
@@ -38,6 +40,44 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default="auto", choices=DTYPES, help="weights dtype ('auto': as saved in the checkpoint)"
     )
+
+
+def add_visual_policy_argument(parser: argparse.ArgumentParser) -> None:
+    """`--visual-policy SPEC`: one policy name, a comma-separated per-layer list, a preset name or a preset file."""
+    parser.add_argument(
+        "--visual-policy",
+        default=None,
+        metavar="SPEC",
+        help=(
+            "per-layer visual policy: one of injected/dense/frozen/naavit/composite/composite_noffn for every layer, "
+            "a comma-separated list (one entry per decoder layer), a preset (shortv-llava-1.5-7b, "
+            "shortv-llava-1.5-13b) or a preset JSON file written by `saisa lc`"
+        ),
+    )
+
+
+def parse_visual_policy(spec: str, num_layers: int) -> list[str]:
+    """The per-layer list a `--visual-policy` string asks for (commas split a list; the rest is
+    `modeling_saisa.policies.resolve_visual_policy`'s: a name, a preset or a file)."""
+    from modeling_saisa.policies import resolve_visual_policy
+
+    spec = spec.strip()
+    if not spec:
+        raise ValueError("--visual-policy is empty; give a policy name, a comma-separated list, a preset or a file.")
+    if "," in spec and not os.path.exists(spec):
+        return resolve_visual_policy([part.strip() for part in spec.split(",")], num_layers)
+    return resolve_visual_policy(spec, num_layers)
+
+
+def _is_llava_hf(model: str) -> bool:
+    """A llava-hf directory (model_type `llava`): loaded through `from_llava`, its weights shared, not copied."""
+    import json
+
+    config = os.path.join(model, "config.json")
+    if not os.path.isfile(config):
+        return False
+    with open(config, encoding="utf-8") as handle:
+        return json.load(handle).get("model_type") == "llava"
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,7 +153,11 @@ def resolve_device(name: str) -> str:
 
 
 def load_model_and_processor(args: argparse.Namespace) -> tuple[Any, Any]:
-    """Load `SaisaForConditionalGeneration` and `SaisaProcessor` from `--model`, on `--device` in `--dtype`."""
+    """Load `SaisaForConditionalGeneration` and its processor from `--model`, on `--device` in `--dtype`.
+
+    A llava-hf directory goes through `SaisaForConditionalGeneration.from_llava` (all-`dense` unless
+    `--visual-policy` says otherwise); a SAISA directory gets `--visual-policy` set on its config.
+    """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -121,11 +165,25 @@ def load_model_and_processor(args: argparse.Namespace) -> tuple[Any, Any]:
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    check_model_dir(args.model)
+    # A llava-hf directory runs training-free through `from_llava` (its weights shared); anything else must be SAISA.
+    llava_hf = _is_llava_hf(os.path.expanduser(args.model))
+    if not llava_hf:
+        check_model_dir(args.model)
     device = resolve_device(args.device)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     processor = AutoProcessor.from_pretrained(args.model)
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
+    spec = getattr(args, "visual_policy", None)
+    if llava_hf:
+        from modeling_saisa import SaisaForConditionalGeneration
+
+        llava = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
+        layers = llava.config.text_config.num_hidden_layers
+        policy = parse_visual_policy(spec, layers) if spec else ["dense"] * layers
+        model = SaisaForConditionalGeneration.from_llava(llava, visual_policy=policy)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
+        if spec:  # read at forward time: the loaded weights serve any policy the checkpoint's modules allow
+            model.config.visual_policy = parse_visual_policy(spec, model.config.text_config.num_hidden_layers)
     model = model.to(device).eval()
     return model, processor
 

@@ -14,6 +14,7 @@ from typing import Any, TextIO
 from modeling_saisa.cli._common import (
     add_generation_arguments,
     add_model_arguments,
+    add_visual_policy_argument,
     check_image_file,
     check_no_image_tags,
     fit_to_context,
@@ -35,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Chat with a saved SAISA model. " + HELP,
     )
     add_model_arguments(parser)
+    add_visual_policy_argument(parser)
     parser.add_argument(
         "--image", action="append", default=[], metavar="PATH", help="an image for the first message; repeatable"
     )

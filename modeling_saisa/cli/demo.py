@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    run_demo(output_dir=args.output_dir, quick=args.quick, seed=args.seed)
+    run_demo(output_dir=args.output_dir, quick=args.quick, seed=args.seed, visual_policy=args.visual_policy)
     return 0
 
 
@@ -39,5 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="A smaller, faster run (for tests; lower accuracy).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for data, initialisation and training order.")
+    parser.add_argument(
+        "--visual-policy",
+        default=None,
+        metavar="SPEC",
+        help="train another family member: naavit, composite, composite_noffn, dense, or a per-layer list/preset",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
     parser.set_defaults(func=run)

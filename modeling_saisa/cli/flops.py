@@ -10,7 +10,8 @@ import argparse
 import json
 import os
 
-from modeling_saisa.flops import PRESETS, flops_report
+from modeling_saisa.cli._common import add_visual_policy_argument, parse_visual_policy
+from modeling_saisa.flops import PRESETS, flops_report, model_shape
 
 __all__ = ["register", "run"]
 
@@ -35,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--shortv-layers", type=int, default=None, metavar="N", help="also count ShortV with N frozen layers"
     )
+    add_visual_policy_argument(parser)
     parser.add_argument("--json", action="store_true", help="print a JSON object (keys dense, saisa, ...)")
     parser.set_defaults(func=run)
 
@@ -47,7 +49,10 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None and not os.path.exists(os.path.expanduser(args.model)):
         raise FileNotFoundError(f"--model {args.model!r}: no such model directory or config.json")
     source = os.path.expanduser(args.model) if args.model else args.preset or "llava-1.5-7b"
-    report = flops_report(source, args.text_tokens, args.visual_tokens, args.shortv_layers)
+    policy = None
+    if args.visual_policy:
+        policy = parse_visual_policy(args.visual_policy, model_shape(source).text.layers)
+    report = flops_report(source, args.text_tokens, args.visual_tokens, args.shortv_layers, policy)
     report["source"] = source
     if args.json:
         print(json.dumps(report, indent=2))
@@ -66,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     if "shortv" in report:
         rows.append((f"ShortV (N={report['shortv_layers']})", report["shortv"]))
+    if "policy" in report:
+        rows.append((f"--visual-policy {args.visual_policy}"[:26], report["policy"]))
     print(f"{'':26s} {'TFLOPs':>9s}  {'vs LLaVA':>8s}")
     for name, value in rows:
         print(f"{name:26s} {_tflops(value)}  {100 * (value / dense - 1):+7.1f}%")

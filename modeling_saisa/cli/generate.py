@@ -11,6 +11,7 @@ import argparse
 from modeling_saisa.cli._common import (
     add_generation_arguments,
     add_model_arguments,
+    add_visual_policy_argument,
     check_image_file,
     check_no_image_tags,
     fit_to_context,
@@ -33,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     add_model_arguments(parser)
+    add_visual_policy_argument(parser)
     parser.add_argument(
         "--image", action="append", default=[], metavar="PATH", help="an image file; repeat for several images"
     )

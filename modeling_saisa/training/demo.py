@@ -115,9 +115,16 @@ def with_system(settings: DemoSettings, messages: list[dict]) -> list[dict]:
     return [{"role": "system", "content": [{"type": "text", "text": settings.system_prompt}]}, *messages]
 
 
-def build_demo_model(processor: Any, settings: DemoSettings = STANDARD, seed: int = 0) -> Any:
-    """A freshly initialised SAISA sized by `settings` (CLIP tower + Llama backbone, one projector per layer)."""
+def build_demo_model(
+    processor: Any, settings: DemoSettings = STANDARD, seed: int = 0, visual_policy: str | list[str] | None = None
+) -> Any:
+    """A freshly initialised SAISA sized by `settings` (CLIP tower + Llama backbone, one projector per layer).
+
+    `visual_policy` (a name, list, preset or file; default all `injected` = SAISA) trains another family member
+    from scratch: `naavit` (NAAViT), `composite` (EE-MLLM, our assumed aligner), `dense` (LLaVA).
+    """
     from modeling_saisa import SaisaConfig, SaisaForConditionalGeneration
+    from modeling_saisa.policies import resolve_visual_policy
 
     tokenizer = processor.tokenizer
     config = SaisaConfig(
@@ -145,6 +152,7 @@ def build_demo_model(processor: Any, settings: DemoSettings = STANDARD, seed: in
         ),
         image_token_id=tokenizer.image_token_id,
         image_seq_length=processor.image_seq_length,
+        visual_policy=None if visual_policy is None else resolve_visual_policy(visual_policy, settings.num_layers),
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
     )
@@ -272,6 +280,7 @@ def run_demo(
     seed: int = 0,
     settings: DemoSettings | None = None,
     echo: Callable[[str], None] = print,
+    visual_policy: str | list[str] | None = None,
 ) -> DemoResult:
     """Generate data, build, train, evaluate and save; see the module docstring. Returns what was measured."""
     from transformers import Trainer, TrainingArguments
@@ -291,7 +300,7 @@ def run_demo(
     # A different seed stream for held-out images: none of them was seen in training.
     held_out = synthetic.make_samples(settings.eval_images, seed=10_000 + seed, size=settings.image_size, prefix="test")
     processor = build_demo_processor(settings)
-    model = build_demo_model(processor, settings, seed=seed)
+    model = build_demo_model(processor, settings, seed=seed, visual_policy=visual_policy)
     n_params = sum(p.numel() for p in model.parameters())
     features = _training_features(train, processor, settings, seed)
     echo(
