@@ -344,3 +344,32 @@ def test_llava_processor_drives_pipeline():
     )
     new_tokens = expected[0, inputs["input_ids"].shape[1] :]
     assert out[0]["generated_text"].strip() == tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def test_visual_policy_saved_in_config(tmp_path):
+    model = SaisaForConditionalGeneration.from_llava(tiny_llava(), visual_policy=MIXED[1])
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["visual_policy"] == MIXED[1]
+    loaded = SaisaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.visual_policy == MIXED[1]
+    ids, mask, pixels = make_batch(ROWS)
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        b = loaded(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="unknown policies"):
+        tiny_config(visual_policy=["dense", "nope"])
+
+
+def test_from_llava_directory(tmp_path):
+    llava = tiny_llava()
+    llava.save_pretrained(tmp_path)
+    from_dir = SaisaForConditionalGeneration.from_llava(str(tmp_path), visual_policy="naavit").eval()
+    from_model = SaisaForConditionalGeneration.from_llava(llava, visual_policy="naavit")
+    ids, mask, pixels = make_batch(ROWS)
+    with torch.no_grad():
+        a = from_dir(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        b = from_model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    torch.testing.assert_close(a, b)
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
+        SaisaForConditionalGeneration.from_llava(3)
