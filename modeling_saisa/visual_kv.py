@@ -109,7 +109,7 @@ class VisualState:
         cos, sin = self.cos.to(keys.dtype), self.sin.to(keys.dtype)
         keys = rotate_keys(keys, cos, sin)
         queries = None
-        if needs_queries(policy):
+        if needs_queries(policy) and layer_idx < len(self.layers) - 1:  # the last layer's update feeds nothing
             q_proj, q_norm = self.spec.q_parts(layer)
             queries = q_proj(normed).unflatten(-1, (-1, head_dim))
             if q_norm is not None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import copy
 import json
 
+import PIL.Image
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from modeling_saisa import SaisaForConditionalGeneration
@@ -285,3 +288,88 @@ def test_loss_and_grads_with_checkpointing(policy_list):
     assert ck_grads.keys() == grads.keys()
     for name in grads:
         torch.testing.assert_close(ck_grads[name], grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    policy_list=st.lists(
+        st.sampled_from(["dense", "frozen", "naavit", "composite", "composite_noffn"]),
+        min_size=N_LAYERS,
+        max_size=N_LAYERS,
+    ),
+    padding_side=st.sampled_from(["left", "right"]),
+)
+def test_drawn_lists_equal_oracle(policy_list, padding_side):
+    llava = tiny_llava()
+    model = SaisaForConditionalGeneration.from_llava(llava, visual_policy=policy_list)
+    ids, mask, pixels = make_batch([["img", 3], [2, "img", 1, "img", 2]], padding_side=padding_side)
+    expected = oracle_logits(llava, policy_list, ids, mask, pixels)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    rows = text_rows(ids, mask)
+    torch.testing.assert_close(got[rows], expected[rows], atol=1e-5, rtol=0)
+
+
+def test_llava_processor_drives_pipeline():
+    """llava-hf's LlavaProcessor (image token, image_seq_length from the Llava config) through the pipeline."""
+    from transformers import CLIPImageProcessor, LlavaProcessor, pipeline
+
+    from modeling_saisa.tokenizers import build_word_tokenizer
+
+    llava = tiny_llava()
+    model = SaisaForConditionalGeneration.from_llava(llava, visual_policy=MIXED[0])
+    tokenizer = build_word_tokenizer("USER : ASSISTANT describe the picture".split(), vocab_size=99)
+    assert tokenizer.convert_tokens_to_ids("<image>") == IMAGE_TOKEN_ID
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=2,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    image = PIL.Image.new("RGB", (12, 7), (200, 30, 30))
+    inputs = processor(images=image, text="USER : <image> describe the picture ASSISTANT :", return_tensors="pt")
+    assert int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum()) == 16
+    with torch.no_grad():
+        expected = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    pipe = pipeline("image-text-to-text", model=model, processor=processor)
+    out = pipe(
+        images=image,
+        text="USER : <image> describe the picture ASSISTANT :",
+        max_new_tokens=4,
+        do_sample=False,
+        return_full_text=False,
+    )
+    new_tokens = expected[0, inputs["input_ids"].shape[1] :]
+    assert out[0]["generated_text"].strip() == tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def test_visual_policy_saved_in_config(tmp_path):
+    model = SaisaForConditionalGeneration.from_llava(tiny_llava(), visual_policy=MIXED[1])
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["visual_policy"] == MIXED[1]
+    loaded = SaisaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.visual_policy == MIXED[1]
+    ids, mask, pixels = make_batch(ROWS)
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        b = loaded(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="unknown policies"):
+        tiny_config(visual_policy=["dense", "nope"])
+
+
+def test_from_llava_directory(tmp_path):
+    llava = tiny_llava()
+    llava.save_pretrained(tmp_path)
+    from_dir = SaisaForConditionalGeneration.from_llava(str(tmp_path), visual_policy="naavit").eval()
+    from_model = SaisaForConditionalGeneration.from_llava(llava, visual_policy="naavit")
+    ids, mask, pixels = make_batch(ROWS)
+    with torch.no_grad():
+        a = from_dir(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        b = from_model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    torch.testing.assert_close(a, b)
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
+        SaisaForConditionalGeneration.from_llava(3)
