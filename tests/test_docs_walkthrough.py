@@ -59,6 +59,11 @@ PARSE_ONLY = {
     "saisa demo": "trains for ~80 s; tests/test_training.py::test_saisa_demo_quick runs `saisa demo --quick`",
     "saisa bench": "a timed benchmark of 1-2 minutes; tests/test_bench.py runs `saisa bench --quick`",
     "python benchmarks/bench.py": "the same benchmark as a script (same argument parser as `saisa bench`)",
+    "saisa lc": "40 calibration prefills per layer of a 7B llava-hf model; "
+    "tests/test_layer_contribution.py::test_cli_writes_order_preset_and_plot runs `saisa lc` and then `saisa generate "
+    "--visual-policy` with its preset on a tiny llava-hf directory",
+    "saisa generate --model path/to/llava-1.5-7b-hf": "reads the preset the `saisa lc` line above writes (run together "
+    "by tests/test_layer_contribution.py::test_cli_writes_order_preset_and_plot)",
 }
 NOT_RUN = {
     "pip install": "installs packages; the environment running this test already has them",
