@@ -233,7 +233,7 @@ class SaisaModel(SaisaPreTrainedModel):
         return mask
 
     @can_return_tuple
-    @deprecate_kwarg("cache", "5.40.0", new_name="cache")
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
