@@ -47,7 +47,7 @@ class SaisaModelTester:
     each row holds one image's placeholders first, then text.
     """
 
-    def __init__(self, parent, batch_size: int = 2, text_length: int = 5, image_size: int = 4, patch_size: int = 2):
+    def __init__(self, parent, batch_size: int = 7, text_length: int = 5, image_size: int = 4, patch_size: int = 2):
         self.parent = parent
         self.batch_size = batch_size
         self.image_size = image_size
@@ -125,6 +125,7 @@ class SaisaCommonTest(ModelTesterMixin, unittest.TestCase):
     # transformers' generation tests live in tests/generation/, absent from the sdist (see the module docstring):
     # no generative class is handed to a GenerationTesterMixin here.
     all_generative_model_classes = ()
+    additional_model_inputs = ["pixel_values"]
 
     def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
         """As the mixin's, plus next-token labels for the LM head (SAISA is not in transformers' label tables)."""
@@ -153,7 +154,6 @@ def failing_on_first_subtest(test):
 # Open failures, NOT design skips: strict xfails so that the suite stays green and each one turns red once fixed.
 # To be fixed in the model (or, where noted, by a narrower test override) — see the branch report for issue 9.
 OPEN = {
-    "test_eager_matches_sdpa_inference": "the mixin drops pixel_values but keeps the placeholders in input_ids",
     "test_training_gradient_checkpointing_use_reentrant_true": "SaisaForConditionalGeneration: backward through the"
     " graph a second time under reentrant checkpointing",
     "test_model_rope_scaling_from_config": "our max_position_embeddings guard rejects the longer inputs that rope"
