@@ -23,7 +23,7 @@ import unittest.mock
 import pytest
 import torch
 import transformers
-from tiny import IMAGE_TOKEN_ID, PAD_TOKEN_ID, VOCAB
+from tiny import PAD_TOKEN_ID, VOCAB
 from transformers_sdist import CommonTestsUnavailable, how_to_provide, load_test_modeling_common
 
 from modeling_saisa import SaisaConfig, SaisaForConditionalGeneration, SaisaModel
@@ -38,6 +38,10 @@ except ImportError as error:  # the common tests import something our [test] ext
 ModelTesterMixin = common.ModelTesterMixin
 floats_tensor = common.floats_tensor
 ids_tensor = common.ids_tensor
+
+
+# A low placeholder id, as Llava's tester: the resize tests clamp input_ids below the shrunk vocabulary size.
+IMAGE_TOKEN_ID = 3
 
 
 class SaisaModelTester:
@@ -100,8 +104,7 @@ class SaisaModelTester:
 
     def prepare_config_and_inputs_for_common(self):
         config, pixel_values = self.prepare_config_and_inputs()
-        input_ids = ids_tensor([self.batch_size, self.seq_length], VOCAB - 3) + 3  # no PAD/BOS/EOS/image ids
-        input_ids[input_ids == IMAGE_TOKEN_ID] = 3
+        input_ids = ids_tensor([self.batch_size, self.seq_length], VOCAB - 4) + 4  # no PAD/BOS/EOS/image ids
         input_ids[:, : self.num_image_tokens] = IMAGE_TOKEN_ID
         attention_mask = torch.ones_like(input_ids)
         return config, {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
@@ -158,10 +161,8 @@ OPEN = {
     " graph a second time under reentrant checkpointing",
     "test_model_rope_scaling_from_config": "our max_position_embeddings guard rejects the longer inputs that rope"
     " scaling allows",
-    "test_resize_tokens_embeddings": "not yet diagnosed",
-    "test_resize_embeddings_untied": "not yet diagnosed",
-    "test_retain_grad_hidden_states_attentions": "not yet diagnosed",
-    "test_can_capture_specific_layers_hidden_states": "AttributeError in layout.py (None .shape); not yet diagnosed",
+    "test_retain_grad_hidden_states_attentions": "hidden_states/attentions grads are None (sequence-layout scatter?)",
+    "test_can_capture_specific_layers_hidden_states": "AttributeError in layout.py:167 (None .shape)",
 }
 for _name in dir(SaisaCommonTest):
     _base = next((key for key in OPEN if _name == key or re.fullmatch(key + r"_\d+_.*", _name)), None)
