@@ -164,7 +164,7 @@ class SaisaModel(SaisaPreTrainedModel):
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         self.check_pixel_values(pixel_values)
         dtype = next(self.vision_tower.parameters()).dtype
-        asked_hidden_states = bool(kwargs.get("output_hidden_states"))
+        asked_hidden_states = bool(kwargs.get("output_hidden_states", self.vision_tower.config.output_hidden_states))
         if not asked_hidden_states:
             kwargs["output_hidden_states"] = [layer]
         outputs = self.vision_tower(pixel_values.to(dtype), return_dict=True, **kwargs)
@@ -236,7 +236,7 @@ class SaisaModel(SaisaPreTrainedModel):
         return mask
 
     @can_return_tuple
-    @deprecate_kwarg("cache", "5.40.0", new_name="cache")
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

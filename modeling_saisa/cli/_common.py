@@ -25,8 +25,28 @@ __all__ = [
     "make_streamer",
     "model_inputs",
     "parse_visual_policy",
+    "require_train_extra",
     "resolve_device",
 ]
+
+TRAIN_EXTRA_HINT = 'pip install "modeling-saisa[train]" (from a checkout: pip install -e ".[train]")'
+
+
+def require_train_extra(command: str) -> None:
+    """Exit with the extra to install when `saisa train` / `saisa demo` lacks its packages.
+
+    Without this, a missing accelerate surfaces as transformers' bare `accelerate>=1.1.0` ImportError, which does not
+    say that our `[train]` extra provides it.
+    """
+    import importlib.util
+
+    from transformers.utils.import_utils import is_accelerate_available
+
+    missing = [] if is_accelerate_available() else ["accelerate (the version transformers needs)"]
+    missing += [name for name in ("peft", "datasets", "yaml") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"saisa {command} needs the [train] extra; missing: {', '.join(missing)}. {TRAIN_EXTRA_HINT}")
+
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 

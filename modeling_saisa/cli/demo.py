@@ -14,6 +14,9 @@ __all__ = ["register", "run"]
 
 
 def run(args: argparse.Namespace) -> int:
+    from modeling_saisa.cli._common import require_train_extra
+
+    require_train_extra("demo")
     from modeling_saisa.training.demo import run_demo
 
     if args.threads:

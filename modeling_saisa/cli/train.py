@@ -152,6 +152,9 @@ def parse(argv: list[str]) -> tuple[Any, argparse.Namespace]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from modeling_saisa.cli._common import require_train_extra
+
+    require_train_extra("train")
     argv = list(args.argv)
     if any(a in ("-h", "--help") for a in argv):
         build_parser().print_help()
