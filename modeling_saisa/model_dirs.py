@@ -51,11 +51,14 @@ def unconverted_checkpoint_message(model_type: str | None, src: str) -> str | No
     )
 
 
-def check_model_dir(path: str | os.PathLike, *, option: str = "--model", processor: bool = True) -> str:
+def check_model_dir(
+    path: str | os.PathLike, *, option: str = "--model", processor: bool = True, allow_llava: bool = False
+) -> str:
     """Check that `path` is a SAISA model directory (or could be a hub repo id) and return it as a string.
 
     Raises `FileNotFoundError` / `ValueError` with one line naming what is missing and what to run instead.
     A string that could be a hub id (`owner/name`) and is not a local path passes unchecked: transformers fetches it.
+    `allow_llava`: a llava-hf directory is accepted too (the commands that run it through `from_llava`).
     """
     text = os.fspath(path)
     local = os.path.expanduser(text)
@@ -81,10 +84,11 @@ def check_model_dir(path: str | os.PathLike, *, option: str = "--model", process
             model_type = json.load(f).get("model_type")
     except (OSError, ValueError, AttributeError) as err:
         raise ValueError(f"{option} {text!r}: config.json is not a JSON object ({err}).") from err
-    refusal = unconverted_checkpoint_message(model_type, text)
+    llava_hf = allow_llava and model_type == "llava"  # run training-free through `from_llava` (generate, chat)
+    refusal = None if llava_hf else unconverted_checkpoint_message(model_type, text)
     if refusal is not None:
         raise ValueError(refusal)
-    if model_type != "saisa":
+    if model_type != "saisa" and not llava_hf:
         raise ValueError(f"{option} {text!r} has model_type {model_type!r}; expected a SAISA model ('saisa').")
     if processor:
         missing = []

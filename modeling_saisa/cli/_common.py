@@ -186,9 +186,8 @@ def load_model_and_processor(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     # A llava-hf directory runs training-free through `from_llava` (its weights shared); anything else must be SAISA.
+    check_model_dir(args.model, allow_llava=True)
     llava_hf = _is_llava_hf(os.path.expanduser(args.model))
-    if not llava_hf:
-        check_model_dir(args.model)
     device = resolve_device(args.device)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     processor = AutoProcessor.from_pretrained(args.model)
