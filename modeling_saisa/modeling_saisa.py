@@ -330,7 +330,7 @@ class SaisaModel(SaisaPreTrainedModel):
         features = image_outputs.pooler_output
         layout = TokenLayout.build(is_visual, mask_2d, position_ids, past_length, self.config.image_seq_length)
         policy_list = resolve_visual_policy(self.config.visual_policy, text_config.num_hidden_layers)
-        policy = VisualState(self, features, layout, policy_list, precompute=checkpointing)
+        policy = VisualState(self, features, layout, policy_list, checkpointing=checkpointing)
         del features  # the policy owns f from here and frees it as soon as the last layer is served
         kv_length, kv_offset = (past_length + seq, 0)
         if cache is not None:

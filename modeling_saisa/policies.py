@@ -13,7 +13,7 @@ layer builds its visual K/V from `input_layernorm_l(x_V)` and then updates `x_V`
 | `composite` (EE-MLLM, assumed) | carried | `x + o_proj(v_proj(input_layernorm(x)))` (GQA-expanded), then FFN |
 | `composite_noffn` | carried | the same without the FFN |
 
-Each entry below is one short function `update(layer, x, normed, values, attend) -> x`: it holds what it needs (the
+Each entry below is one short function `update(layer, x, values, attend) -> x`: it holds what it needs (the
 layer's own modules) and never calls back into the model. `attend` is only used by `dense`: it runs the layer's
 attention for the visual rows over the layer's merged K/V (see `visual_kv.VisualState`).
 """
@@ -50,23 +50,23 @@ def _self_only(layer: nn.Module, x: torch.Tensor, values: torch.Tensor) -> torch
     return x + attn.o_proj(heads.flatten(-2))
 
 
-def frozen(layer, x, normed, values, attend):
+def frozen(layer, x, values, attend):
     return x
 
 
-def naavit(layer, x, normed, values, attend):
+def naavit(layer, x, values, attend):
     return _ffn(layer, x)
 
 
-def composite(layer, x, normed, values, attend):
+def composite(layer, x, values, attend):
     return _ffn(layer, _self_only(layer, x, values))
 
 
-def composite_noffn(layer, x, normed, values, attend):
+def composite_noffn(layer, x, values, attend):
     return _self_only(layer, x, values)
 
 
-def dense(layer, x, normed, values, attend):
+def dense(layer, x, values, attend):
     return _ffn(layer, x + layer.self_attn.o_proj(attend().flatten(-2)))
 
 

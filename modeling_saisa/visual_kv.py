@@ -47,9 +47,10 @@ class VisualState:
     projector). After the layer's merged K/V exist (`after_merge`), `x_V` is updated by the layer's policy; only a
     `dense` layer gives visual rows queries, attending over those merged K/V.
 
-    `precompute=True` (activation checkpointing) builds every layer's K/V up front, outside the decoder layers: the
-    layers are recomputed in backward, and the visual work must not be redone (or lost) with them. That needs a
-    text-independent list (no `dense` layer).
+    Under activation checkpointing (`checkpointing=True`) the layers are recomputed in backward. A text-independent
+    list (no `dense` layer) builds every layer's K/V up front, outside the decoder layers, so the visual work is not
+    redone with them; a list with `dense` layers keeps the state entering every layer, so that recomputing layer l
+    starts from the same `x_V` and redoes exactly its own visual work (as a dense LLaVA layer would).
     """
 
     def __init__(
@@ -58,7 +59,7 @@ class VisualState:
         features: torch.Tensor,
         layout: TokenLayout,
         policy_list: list[str],
-        precompute: bool = False,
+        checkpointing: bool = False,
     ):
         self.model = model
         self.features = features  # [n_images, n_v, d_vision]
@@ -70,19 +71,16 @@ class VisualState:
         self.cos, self.sin = model.language_model.rotary_emb(features, position_ids=layout.visual_positions)
         # A shared projector (stage 1, from_llava) feeds every injected layer the same rows: project once.
         self._shared = model.project(features, 0) if model.config.shared_projector else None
-        self.state: torch.Tensor | None = None  # x_V entering the next layer
-        self._pending = None  # (normed, values, queries) of the layer between key_values and after_merge
-        if precompute and not text_independent(policy_list):
-            raise NotImplementedError(
-                "Activation checkpointing with `dense` visual layers is not supported yet: their visual rows attend "
-                f"to text, so they cannot be computed outside the layers. visual_policy={policy_list}."
-            )
+        self.keep_inputs = checkpointing
+        self.inputs: dict[int, torch.Tensor] = {}  # x_V entering layer l (set by layer l-1's update)
+        self._pending: dict[int, tuple] = {}  # layer -> (x_V, visual values, visual queries) until after_merge
         self._precomputed = None
-        if precompute:
-            self._precomputed = []
+        if checkpointing and text_independent(policy_list):
+            precomputed = []
             for i in range(len(self.layers)):
-                self._precomputed.append(self._compute(i))
+                precomputed.append(self._compute(i))
                 self.after_merge(i, None, None)
+            self._precomputed = precomputed
 
     def _projected(self, layer_idx: int) -> torch.Tensor:
         return self._shared if self._shared is not None else self.model.project(self.features, layer_idx)
@@ -94,11 +92,15 @@ class VisualState:
 
     def _compute(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         policy = self.policy_list[layer_idx]
-        if not carries_state(policy) or self.state is None:
-            self.state = self._projected(layer_idx if not carries_state(policy) else 0)
+        if not carries_state(policy):
+            state = self._projected(layer_idx)
+        elif layer_idx in self.inputs:
+            state = self.inputs[layer_idx] if self.keep_inputs else self.inputs.pop(layer_idx)
+        else:  # the first layer: the (shared) projector's output P(f)
+            state = self._projected(0)
         layer = self.layers[layer_idx]
         norm, k_proj, v_proj, k_norm = self.spec.kv_parts(layer)
-        normed = norm(self.state)
+        normed = norm(state)
         head_dim = self.cos.shape[-1]
         keys = k_proj(normed).unflatten(-1, (-1, head_dim))
         values = v_proj(normed).unflatten(-1, (-1, head_dim))
@@ -107,30 +109,31 @@ class VisualState:
         cos, sin = self.cos.to(keys.dtype), self.sin.to(keys.dtype)
         keys = rotate_keys(keys, cos, sin)
         queries = None
-        if needs_queries(policy):
+        if needs_queries(policy) and layer_idx < len(self.layers) - 1:  # the last layer's update feeds nothing
             q_proj, q_norm = self.spec.q_parts(layer)
             queries = q_proj(normed).unflatten(-1, (-1, head_dim))
             if q_norm is not None:
                 queries = q_norm(queries)
             queries = rotate_keys(queries, cos, sin)
-        self._pending = (values, queries)
+        self._pending[layer_idx] = (state, values, queries)
         return keys.flatten(0, 1), values.flatten(0, 1)
 
     def after_merge(self, layer_idx: int, keys: torch.Tensor | None, values: torch.Tensor | None) -> None:
         """Update `x_V` by layer `layer_idx`'s policy; `keys`/`values`: the layer's merged K/V `[B, H_kv, L, D]`."""
         if self._precomputed is not None and keys is not None:
-            return  # already done up front
-        visual_values, queries = self._pending
-        self._pending = None
+            return  # done up front, outside the (recomputed) layers
+        state, visual_values, queries = self._pending.pop(layer_idx)
         layer = self.layers[layer_idx]
         update = VISUAL_UPDATES[self.policy_list[layer_idx]]
 
         def attend() -> torch.Tensor:
             return attend_visual(layer, self.layout, queries, keys, values, self.model.config.text_config)
 
-        self.state = update(layer, self.state, None, visual_values, attend)
-        if layer_idx == len(self.layers) - 1:
-            self.features = self._shared = self.state = None  # the prefill's peak is next: let go of f
+        last = layer_idx == len(self.layers) - 1
+        if not last:  # the last layer's update feeds nothing
+            self.inputs[layer_idx + 1] = update(layer, state, visual_values, attend)
+        elif not self.keep_inputs:
+            self.features = self._shared = None  # the prefill's peak is next: let go of f
 
 
 def attend_visual(
@@ -144,8 +147,9 @@ def attend_visual(
     """A `dense` layer's attention for the visual rows: `[n_images, n_v, H, D]` over the merged K/V of their row.
 
     Key j is visible to the visual row i iff j <= i and j is not padding (LLaVA's causal rule), built by
-    transformers' mask interface for the active backend. Varlen backends (flash-attention) take no 4-D mask: their
-    visual rows go through SDPA, the same rule.
+    transformers' mask interface for the active backend. Varlen backends (flash-attention) take no 4-D mask, and
+    flex-attention's CPU kernel fails to compile for these few-query shapes (torch 2.13): their visual rows go
+    through SDPA, the same rule.
     """
     n_images, n_v = queries.shape[:2]
     seq = layout.seq_length
@@ -158,7 +162,10 @@ def attend_visual(
         return (kv_idx <= own_key[batch_idx, q_idx]) & key_valid[batch_idx, kv_idx]
 
     implementation = text_config._attn_implementation or "eager"
-    if ALL_MASK_ATTENTION_FUNCTIONS.get(implementation) in (None, flash_attention_mask):
+    if implementation == "flex_attention" or ALL_MASK_ATTENTION_FUNCTIONS.get(implementation) in (
+        None,
+        flash_attention_mask,
+    ):
         implementation = "sdpa"
     mask = ALL_MASK_ATTENTION_FUNCTIONS[implementation](
         batch_size=n_images,
