@@ -278,12 +278,19 @@ def saisa_prefill_flops(
 
 
 def policy_prefill_flops(
-    shape: ModelShape, policies: list[str], t: int | None = None, v: int | None = None, lm_head_rows: int = 1
+    shape: ModelShape,
+    policies: list[str],
+    t: int | None = None,
+    v: int | None = None,
+    lm_head_rows: int = 1,
+    skip_last_visual_update: bool = True,
 ) -> FlopsBreakdown:
     """Prefill under a per-layer visual policy list (one entry per decoder layer).
 
     Projectors: one per `injected` layer, plus LLaVA's single projector when layer 0 is not `injected` (its output
-    is layer 0's carried visual state). All-`injected` is SAISA, all-`dense` LLaVA, exactly.
+    is layer 0's carried visual state). `skip_last_visual_update`: the model does not compute the last layer's
+    visual update (it feeds nothing), so that layer costs a KV-only layer whatever its policy; False gives the
+    papers' convention, in which all-`dense` is LLaVA exactly. All-`injected` is SAISA either way.
     """
     t, v = _tokens(shape, t, v)
     s = shape.text
@@ -291,6 +298,8 @@ def policy_prefill_flops(
     if len(policies) != s.layers:
         raise ValueError(f"the visual policy needs one entry per decoder layer ({s.layers}), got {len(policies)}")
     llm = sum(policy_layer_flops(s, p, t, v) for p in policies)
+    if skip_last_visual_update:
+        llm += kv_only_layer_flops(s, t, v) - policy_layer_flops(s, policies[-1], t, v)
     n_projectors = policies.count("injected") + int(policies[0] != "injected")
     return FlopsBreakdown(
         llm=llm,
@@ -497,7 +506,7 @@ def flops_report(
     if visual_policy is not None:
         # The papers' count for a policy list: decoder layers plus the `injected` layers' projectors (LLaVA's single
         # projector is excluded from `dense` too, so it is left out here for a like-for-like ratio).
-        pol = policy_prefill_flops(shape, visual_policy, t, v)
+        pol = policy_prefill_flops(shape, visual_policy, t, v, skip_last_visual_update=False)
         per_projector = projector_flops(shape.d_vision, shape.text.hidden, v) if v else 0
         report["policy"] = pol.llm + list(visual_policy).count("injected") * per_projector
         report["policy_ratio"] = report["policy"] / dense.llm

@@ -310,7 +310,9 @@ def test_shortv_published_lists_reproduce_the_papers_tflops(preset: str, frozen:
 def test_uniform_policies_reduce_to_llava_and_saisa() -> None:
     shape = F.model_shape("llava-1.5-7b")
     layers = shape.text.layers
-    assert F.policy_prefill_flops(shape, ["dense"] * layers, T, V) == F.llava_prefill_flops(shape, T, V)
+    assert F.policy_prefill_flops(shape, ["dense"] * layers, T, V, skip_last_visual_update=False) == (
+        F.llava_prefill_flops(shape, T, V)
+    )
     assert F.policy_prefill_flops(shape, ["injected"] * layers, T, V) == F.saisa_prefill_flops(shape, T, V)
     r = F.flops_report(shape, T, V, visual_policy=["injected"] * layers)
     assert r["policy"] == r["saisa"]
