@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -300,8 +301,11 @@ class SaisaModel(SaisaPreTrainedModel):
         if position_ids is None:
             # Absolute positions that skip padding: LLaVA-1.5's layout (and generate's own rule).
             position_ids = (mask_2d.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
-        max_positions = text_config.max_position_embeddings
-        if seq and int(position_ids.max()) >= max_positions:
+        # A scaled RoPE (linear, dynamic, yarn, ...) is made to run past the trained length: only plain RoPE is capped,
+        # at the longest length its config declares (`original_max_position_embeddings` where given).
+        rope = getattr(text_config, "rope_parameters", None) or {}
+        max_positions = max(text_config.max_position_embeddings, rope.get("original_max_position_embeddings") or 0)
+        if rope.get("rope_type", "default") == "default" and seq and int(position_ids.max()) >= max_positions:
             raise ValueError(
                 f"Sequence too long: position {int(position_ids.max())} reached, but the backbone has "
                 f"max_position_embeddings={max_positions}."
@@ -330,7 +334,8 @@ class SaisaModel(SaisaPreTrainedModel):
         features = image_outputs.pooler_output
         layout = TokenLayout.build(is_visual, mask_2d, position_ids, past_length, self.config.image_seq_length)
         policy_list = resolve_visual_policy(self.config.visual_policy, text_config.num_hidden_layers)
-        policy = VisualState(self, features, layout, policy_list, checkpointing=checkpointing)
+        sharded = checkpointing and any(isinstance(layer, FSDPModule) for layer in self.language_model.layers)
+        policy = VisualState(self, features, layout, policy_list, checkpointing=checkpointing, sharded_layers=sharded)
         del features  # the policy owns f from here and frees it as soon as the last layer is served
         kv_length, kv_offset = (past_length + seq, 0)
         if cache is not None:
@@ -355,7 +360,8 @@ class SaisaModel(SaisaPreTrainedModel):
             )
             hidden_states = outputs.hidden_states
             if hidden_states is not None:
-                hidden_states = tuple(layout.unpack(states) for states in hidden_states)
+                # `output_hidden_states=[i, ...]` captures only those layers: the others stay None.
+                hidden_states = tuple(None if states is None else layout.unpack(states) for states in hidden_states)
             query_hidden = layout.unpack(outputs.last_hidden_state)
         else:
             if inputs_embeds is None:
@@ -377,7 +383,9 @@ class SaisaModel(SaisaPreTrainedModel):
         result = SaisaModelOutputWithPast(
             last_hidden_state=layout.to_sequence(query_hidden),
             cache=cache if use_cache else None,
-            hidden_states=None if hidden_states is None else tuple(map(layout.to_sequence, hidden_states)),
+            hidden_states=None
+            if hidden_states is None
+            else tuple(None if states is None else layout.to_sequence(states) for states in hidden_states),
             # [B, heads, T, keys] -> [B, heads, S, keys]: attention rows move to their query's sequence row.
             attentions=None
             if attentions is None

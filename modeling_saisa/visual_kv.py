@@ -50,7 +50,8 @@ class VisualState:
     Under activation checkpointing (`checkpointing=True`) the layers are recomputed in backward. A text-independent
     list (no `dense` layer) builds every layer's K/V up front, outside the decoder layers, so the visual work is not
     redone with them; a list with `dense` layers keeps the state entering every layer, so that recomputing layer l
-    starts from the same `x_V` and redoes exactly its own visual work (as a dense LLaVA layer would).
+    starts from the same `x_V` and redoes exactly its own visual work (as a dense LLaVA layer would). So does any
+    list when the decoder layers are FSDP-sharded (`sharded_layers`): their weights exist only inside the layer.
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class VisualState:
         layout: TokenLayout,
         policy_list: list[str],
         checkpointing: bool = False,
+        sharded_layers: bool = False,
     ):
         self.model = model
         self.features = features  # [n_images, n_v, d_vision]
@@ -75,7 +77,9 @@ class VisualState:
         self.inputs: dict[int, torch.Tensor] = {}  # x_V entering layer l (set by layer l-1's update)
         self._pending: dict[int, tuple] = {}  # layer -> (x_V, visual values, visual queries) until after_merge
         self._precomputed = None
-        if checkpointing and text_independent(policy_list):
+        # FSDP2 gathers a layer's weights only inside that layer's forward: with sharded layers the K/V are built
+        # inside each layer (and recomputed with it), from the kept inputs and features (torch 2.13's FSDPModule).
+        if checkpointing and text_independent(policy_list) and not sharded_layers:
             precomputed = []
             for i in range(len(self.layers)):
                 precomputed.append(self._compute(i))

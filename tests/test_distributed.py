@@ -17,7 +17,6 @@ Equalities proved (same data order, same global batch of 4, 4 steps, lr 1e-2):
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import signal
@@ -258,19 +257,6 @@ def test_fsdp2_sharded_checkpoints_match_ddp_and_the_saved_model_gives_the_live_
     torch.testing.assert_close(_reloaded_logits(final, workspace), probe["logits"], atol=0, rtol=0)
 
 
-def _model_supports_checkpointing_under_fsdp() -> bool:
-    from modeling_saisa.visual_kv import InjectedVisualKV
-
-    return "keep_features" in inspect.signature(InjectedVisualKV).parameters
-
-
-@pytest.mark.xfail(
-    not _model_supports_checkpointing_under_fsdp(),
-    reason="visual_kv precomputes every layer's visual K/V outside the layers under activation checkpointing, where "
-    "FSDP2 holds the layers' norm/k_proj/v_proj weights sharded (DTensor): 'aten.mul.Tensor got mixed torch.Tensor "
-    "and DTensor'. Fix proposed in the issue-12 report (build them inside the layer when the layers are sharded).",
-    strict=True,
-)
 def test_fsdp2_full_state_dict_with_activation_checkpointing_matches_ddp(workspace, ddp):
     env, out = _probe_env(workspace, "fsdp_ac", SAISA_CPU_FSDP="1")
     _launch(_fsdp("FULL_STATE_DICT") + _worker(workspace, workspace / "fsdp_ac", "--activation-checkpointing"), env)
