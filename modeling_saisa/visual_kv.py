@@ -25,7 +25,27 @@ from modeling_saisa.layout import TokenLayout, VarlenPlan
 if TYPE_CHECKING:
     from modeling_saisa.modeling_saisa import SaisaModel
 
-__all__ = ["VisualPolicy", "InjectedVisualKV", "VisualKVCache"]
+__all__ = ["VisualPolicy", "InjectedVisualKV", "VisualKVCache", "unrotated_key_values"]
+
+
+def unrotated_key_values(
+    model: SaisaModel, projected: torch.Tensor, layer_idx: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer `layer_idx`'s visual keys *before RoPE* and values, `[n_images, n_v, n_kv_heads, head_dim]` each.
+
+    `projected` is `P_l(f)`. Everything here depends on the image alone (no position, no text), which is what lets
+    `ImageKVStore` keep these and reuse them at any position.
+    """
+    layer = model.language_model.layers[layer_idx]
+    norm, k_proj, v_proj, k_norm = backbone_spec(model.config.text_config.model_type).kv_parts(layer)
+    head_dim = layer.self_attn.head_dim
+    hidden = norm(projected)
+    keys = k_proj(hidden).unflatten(-1, (-1, head_dim))
+    values = v_proj(hidden).unflatten(-1, (-1, head_dim))
+    del hidden  # the normed rows are the biggest temporary here: free them before RoPE
+    if k_norm is not None:
+        keys = k_norm(keys)
+    return keys, values
 
 
 class VisualPolicy(Protocol):
@@ -62,15 +82,10 @@ class InjectedVisualKV:
         return keys_values
 
     def _compute(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        norm, k_proj, v_proj, k_norm = self.spec.kv_parts(self.layers[layer_idx])
         # E_l = P_l(f) through the layer's own norm (no name kept for E_l: it dies as soon as it is normed).
-        hidden = norm(self._shared if self._shared is not None else self.model.project(self.features, layer_idx))
-        head_dim = self.cos.shape[-1]
-        keys = k_proj(hidden).unflatten(-1, (-1, head_dim))
-        values = v_proj(hidden).unflatten(-1, (-1, head_dim))
-        del hidden  # the normed rows are the biggest temporary here: free them before RoPE
-        if k_norm is not None:
-            keys = k_norm(keys)
+        projected = self._shared if self._shared is not None else self.model.project(self.features, layer_idx)
+        keys, values = unrotated_key_values(self.model, projected, layer_idx)
+        del projected
         keys = rotate_keys(keys, self.cos.to(keys.dtype), self.sin.to(keys.dtype))
         return keys.flatten(0, 1), values.flatten(0, 1)
 
