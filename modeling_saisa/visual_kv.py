@@ -64,7 +64,6 @@ class InjectedVisualKV:
     def __init__(self, model: SaisaModel, features: torch.Tensor, layout: TokenLayout, precompute: bool = False):
         self.model = model
         self.features = features  # [n_images, n_v, d_vision]
-        self.spec = backbone_spec(model.config.text_config.model_type)
         self.layers = model.language_model.layers
         # RoPE tables at the visual positions: the backbone's own rotary embedding, shared by all layers.
         self.cos, self.sin = model.language_model.rotary_emb(features, position_ids=layout.visual_positions)
