@@ -41,3 +41,24 @@ def test_quick_bench_produces_finite_figures(tmp_path, capsys) -> None:
     }
     assert json.loads((tmp_path / "bench_results.json").read_text())["prefill_ratio"] == results["prefill_ratio"]
     assert (tmp_path / "bench_ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reuse_bench_tiny_shape() -> None:
+    from modeling_saisa.benchmark import BenchConfig
+    from modeling_saisa.reuse_bench import LAYOUTS, METHODS, format_reuse_table, run_reuse_benchmark
+
+    tiny = BenchConfig(
+        image_size=28, vision_hidden=32, vision_intermediate=64, vision_layers=1, vision_heads=2, hidden=32,
+        intermediate=64, layers=2, heads=2, kv_heads=2, vocab=64, text_before_image=4, decode_steps=2,
+    )  # fmt: skip
+    results = run_reuse_benchmark(tiny, images=2, questions=2, question_tokens=3)
+    for layout in LAYOUTS:
+        for method in METHODS:
+            figures = results[layout][method]
+            assert all(math.isfinite(figures[k]) and figures[k] > 0 for k in ("prefill_s", "end_to_end_s")), method
+        analytic = results["analytic_speedup"][layout]
+        assert analytic["saisa_store"] > analytic["saisa"] > 1 == analytic["llava_generate"]
+    # A prefix cache covers the image only when it comes first.
+    assert results["analytic_speedup"]["image_first"]["llava_prefix_reuse"] > 1.2
+    assert results["analytic_speedup"]["question_first"]["llava_prefix_reuse"] < 1.2
+    assert "saisa_store" in format_reuse_table(results)
