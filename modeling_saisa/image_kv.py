@@ -109,6 +109,12 @@ def check_text_independent(model: SaisaModel) -> None:
             "the text), and a per-image store would return the wrong K/V. Use a policy without `dense` layers, or "
             "drop image_kv."
         )
+    other = sorted({kind for kind in visual_policy_list(model) if kind != "injected"})
+    if other:
+        raise NotImplementedError(
+            f"image_kv supports the `injected` (SAISA) visual policy; this model also uses {other}, whose stored "
+            "K/V are not computed by the store yet."
+        )
 
 
 class StoredVisualKV:

@@ -85,6 +85,7 @@ def test_in_batch_duplicates_are_computed_once(model):
     assert calls["tower"] == 1 and store.stats()["misses"] == 1 and len(store) == 1
 
 
+@pytest.mark.slow
 def test_generate_equal_with_beams_and_return_sequences(model):
     ids, mask, px = make_batch([[3, "img", 2], [5, "img", 4, "img", 1]], "left")
     for extra in (dict(), dict(num_beams=2), dict(do_sample=False, num_return_sequences=2, num_beams=2)):
@@ -96,7 +97,7 @@ def test_generate_equal_with_beams_and_return_sequences(model):
         assert len(store) == 3
 
 
-@pytest.mark.parametrize("attn", ["eager", "flex_attention"])
+@pytest.mark.parametrize("attn", ["eager", pytest.param("flex_attention", marks=pytest.mark.slow)])
 def test_other_attention_backends(attn):
     model = tiny_model(attn=attn)
     store = ImageKVStore(max_bytes=BIG)
@@ -163,3 +164,11 @@ def test_hit_runs_no_tower_no_projector_and_text_only_flops(model):
     linear = (torch.ops.aten.mm, torch.ops.aten.addmm)
     counts = [sum(c.get_flop_counts()["Global"].get(op, 0) for op in linear) for c in (hit, text_only)]
     assert counts[0] == counts[1] > 0
+
+
+def test_dense_policy_refuses_the_store():
+    model = tiny_model(attn="sdpa")
+    model.config.visual_policy = ["dense", "injected"]  # layer 0's visual rows attend over the text
+    ids, mask, px = make_batch([[3, "img", 2]], "left")
+    with pytest.raises(ValueError, match=r"layers \[0\] are `dense`.*depend on the text"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=px, image_kv=ImageKVStore(max_bytes=BIG))
