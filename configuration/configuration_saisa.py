@@ -16,6 +16,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from modeling_saisa.backbones import SUPPORTED_TEXT_MODEL_TYPES, SUPPORTED_VISION_MODEL_TYPES, VISION_HAS_CLS
+from modeling_saisa.policies import check_visual_policy
 
 __all__ = ["SaisaConfig"]
 
@@ -46,6 +47,9 @@ class SaisaConfig(PreTrainedConfig):
             Whether the projector linears have a bias.
         shared_projector (`bool`, *optional*, defaults to `False`):
             One projector shared by every decoder layer (stage-1 pre-training) instead of one per layer.
+        visual_policy (`list[str]`, *optional*):
+            One visual policy per decoder layer (`injected`, `dense`, `frozen`, `naavit`, `composite`,
+            `composite_noffn`; see `modeling_saisa.policies`). None: every layer `injected` (SAISA).
         tie_word_embeddings (`bool`, *optional*, defaults to `False`):
             Whether `lm_head` shares the input embedding matrix.
 
@@ -89,6 +93,7 @@ class SaisaConfig(PreTrainedConfig):
     vision_feature_layer: int = -2
     multimodal_projector_bias: bool = True
     shared_projector: bool = False
+    visual_policy: list | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -121,6 +126,8 @@ class SaisaConfig(PreTrainedConfig):
                 f"{self.vision_config.image_size} / patch_size {self.vision_config.patch_size} with select strategy "
                 f"{self.vision_feature_select_strategy!r} gives {expected} visual tokens per image."
             )
+        if self.visual_policy is not None:
+            self.visual_policy = check_visual_policy(self.visual_policy, self.text_config.num_hidden_layers)
         n_layers = self.vision_config.num_hidden_layers
         if not -(n_layers + 1) <= self.vision_feature_layer <= n_layers:
             raise ValueError(

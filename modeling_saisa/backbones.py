@@ -9,15 +9,19 @@ and running the oracle tests on it.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 __all__ = [
     "SUPPORTED_TEXT_MODEL_TYPES",
     "SUPPORTED_VISION_MODEL_TYPES",
     "BackboneSpec",
+    "attention_function",
     "backbone_spec",
     "rotate_keys",
 ]
@@ -34,6 +38,11 @@ class BackboneSpec:
     def kv_parts(self, layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module | None]:
         attn = layer.self_attn
         return layer.input_layernorm, attn.k_proj, attn.v_proj, (attn.k_norm if self.has_k_norm else None)
+
+    def q_parts(self, layer: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+        """`q_proj` and (Qwen3) `q_norm`: the visual queries of a `dense` layer."""
+        attn = layer.self_attn
+        return attn.q_proj, (attn.q_norm if self.has_k_norm else None)
 
 
 _BACKBONES: dict[str, BackboneSpec] = {
@@ -55,6 +64,13 @@ def backbone_spec(model_type: str) -> BackboneSpec:
         return _BACKBONES[model_type]
     except KeyError:
         raise ValueError(f"Unsupported text backbone {model_type!r}; SAISA supports {sorted(_BACKBONES)}.") from None
+
+
+def attention_function(layer: nn.Module, implementation: str) -> Callable:
+    """The attention kernel the layer's own attention module uses for `implementation` (eager: its module's)."""
+    if implementation == "eager":
+        return importlib.import_module(type(layer.self_attn).__module__).eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
 def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int = 2) -> torch.Tensor:

@@ -19,14 +19,15 @@ import shutil
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from modeling_saisa.backbones import rotate_keys
 from modeling_saisa.layout import TokenLayout
-from modeling_saisa.visual_kv import unrotated_key_values
+from modeling_saisa.policies import resolve_visual_policy, text_independent
+from modeling_saisa.visual_kv import VisualState
 
 if TYPE_CHECKING:
     from modeling_saisa.modeling_saisa import SaisaModel
@@ -59,9 +60,7 @@ def _weights_digest(named: list[tuple[str, torch.Tensor]]) -> str:
 
 def visual_policy_list(model: SaisaModel) -> list[str]:
     """The per-layer visual policy (`injected` everywhere when the config names none: SAISA)."""
-    n_layers = len(model.language_model.layers)
-    policy = getattr(model.config, "visual_policy", None)
-    return ["injected"] * n_layers if policy is None else list(policy)
+    return resolve_visual_policy(model.config.visual_policy, len(model.language_model.layers))
 
 
 def model_fingerprint(model: SaisaModel) -> dict[str, str]:
@@ -70,7 +69,11 @@ def model_fingerprint(model: SaisaModel) -> dict[str, str]:
     text_config = config.text_config
     named = [(f"vision_tower.{n}", p) for n, p in model.vision_tower.named_parameters()]
     named += [(f"multi_modal_projector.{n}", p) for n, p in model.multi_modal_projector.named_parameters()]
+    policy_list = visual_policy_list(model)
     for index, layer in enumerate(model.language_model.layers):
+        if policy_list[index] != "injected":  # carried state: the layer's whole update shapes the next K/V
+            named += [(f"layers.{index}.{n}", p) for n, p in layer.named_parameters()]
+            continue
         attention = layer.self_attn
         parts = {"input_layernorm": layer.input_layernorm, "k_proj": attention.k_proj, "v_proj": attention.v_proj}
         if getattr(attention, "k_norm", None) is not None:
@@ -101,20 +104,21 @@ def _differences(stored: dict[str, str], current: dict[str, str]) -> str:
 
 def check_text_independent(model: SaisaModel) -> None:
     """Refuse a policy whose visual K/V depend on the text (any `dense` layer): they cannot be stored per image."""
-    dense = [i for i, kind in enumerate(visual_policy_list(model)) if kind == "dense"]
-    if dense:
+    policy_list = visual_policy_list(model)
+    dense = [i for i, kind in enumerate(policy_list) if kind == "dense"]
+    if dense or not text_independent(policy_list):
         raise ValueError(
             f"image_kv cannot be used with this visual policy: layers {dense} are `dense`, so their visual keys and "
             "values depend on the text before the image (the visual rows go through those layers' attention over "
             "the text), and a per-image store would return the wrong K/V. Use a policy without `dense` layers, or "
             "drop image_kv."
         )
-    other = sorted({kind for kind in visual_policy_list(model) if kind != "injected"})
-    if other:
-        raise NotImplementedError(
-            f"image_kv supports the `injected` (SAISA) visual policy; this model also uses {other}, whose stored "
-            "K/V are not computed by the store yet."
-        )
+
+
+class _ZeroPositions(NamedTuple):
+    """The one layout field a text-independent `VisualState` reads: the visual rows' positions."""
+
+    visual_positions: torch.Tensor
 
 
 class StoredVisualKV:
@@ -131,6 +135,9 @@ class StoredVisualKV:
         values = torch.stack([v[layer_idx] for v in self.values])
         keys = rotate_keys(keys, self.cos.to(keys.dtype), self.sin.to(keys.dtype))
         return keys.flatten(0, 1), values.flatten(0, 1)
+
+    def after_merge(self, layer_idx: int, keys: torch.Tensor | None, values: torch.Tensor | None) -> None:
+        """Nothing to carry: every layer's visual K/V are stored."""
 
 
 class ImageKVStore:
@@ -238,12 +245,17 @@ class ImageKVStore:
         index = torch.tensor(list(missing.values()), dtype=torch.long, device=pixel_values.device)
         features = model.get_image_features(pixel_values[index], return_dict=True).pooler_output
         n_layers = len(model.language_model.layers)
-        shared = model.project(features, 0) if model.config.shared_projector else None
+        # The policy's own per-layer visual work (carried state included), at position 0 where RoPE is the identity
+        # (cos 1, sin 0): the keys come out exactly unrotated.
+        at_zero = _ZeroPositions(torch.zeros(features.shape[:2], dtype=torch.long, device=features.device))
+        state = VisualState(model, features, at_zero, visual_policy_list(model))
+        del features
         per_layer = []
         for layer_idx in range(n_layers):
-            projected = shared if shared is not None else model.project(features, layer_idx)
-            per_layer.append(unrotated_key_values(model, projected, layer_idx))
-        del features, shared
+            keys, values = state.key_values(layer_idx)
+            state.after_merge(layer_idx, None, None)
+            per_layer.append((keys.unflatten(0, (len(missing), -1)), values.unflatten(0, (len(missing), -1))))
+        del state
         keys = torch.stack([k for k, _ in per_layer], dim=1)  # [n_missing, n_layers, n_v, H, D]
         values = torch.stack([v for _, v in per_layer], dim=1)
         computed = {}

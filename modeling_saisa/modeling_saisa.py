@@ -9,6 +9,8 @@ and visual tokens are keys/values only. See docs/architecture.md for the data pa
 
 from __future__ import annotations
 
+import copy
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -31,7 +33,8 @@ from modeling_saisa.backbones import backbone_spec
 from modeling_saisa.configuration import SaisaConfig
 from modeling_saisa.image_kv import ImageKVStore
 from modeling_saisa.layout import TokenLayout
-from modeling_saisa.visual_kv import InjectedVisualKV, VisualKVCache
+from modeling_saisa.policies import resolve_visual_policy
+from modeling_saisa.visual_kv import VisualKVCache, VisualState
 
 logger = logging.get_logger(__name__)
 
@@ -337,7 +340,8 @@ class SaisaModel(SaisaPreTrainedModel):
             policy = image_kv.policy(self, pixel_values, layout)
         else:
             image_outputs = self.get_image_features(pixel_values, return_dict=True)
-            policy = InjectedVisualKV(self, image_outputs.pooler_output, layout, precompute=checkpointing)
+            policy_list = resolve_visual_policy(self.config.visual_policy, text_config.num_hidden_layers)
+            policy = VisualState(self, image_outputs.pooler_output, layout, policy_list, checkpointing=checkpointing)
         kv_length, kv_offset = (past_length + seq, 0)
         if cache is not None:
             kv_length, kv_offset = cache.get_mask_sizes(seq, 0)
@@ -446,6 +450,66 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             model_class=cls,
             **config_overrides,
         )
+
+    @classmethod
+    def from_llava(cls, llava, visual_policy="dense", **from_pretrained_kwargs) -> SaisaForConditionalGeneration:
+        """A SAISA-family model over a transformers LLaVA, sharing its weights (no copy, no training).
+
+        `llava`: a loaded `LlavaForConditionalGeneration`, or a llava-hf directory / hub id (loaded with
+        `LlavaForConditionalGeneration.from_pretrained(llava, **from_pretrained_kwargs)`). `visual_policy`: a list
+        with one entry per layer, one policy name, a preset (`shortv-llava-1.5-7b`, ...) or a preset JSON file; see
+        `modeling_saisa.policies`. Layer 0's visual input is the LLaVA projector's output; `injected` layers need a
+        projector per layer, which a LLaVA does not have. The returned model's modules *are* the Llava's.
+        """
+        from transformers import LlavaForConditionalGeneration
+
+        if not isinstance(llava, LlavaForConditionalGeneration):
+            if not isinstance(llava, (str, os.PathLike)):
+                raise TypeError(
+                    f"from_llava expects a LlavaForConditionalGeneration or a checkpoint path / hub id; got "
+                    f"{type(llava).__name__}."
+                )
+            llava = LlavaForConditionalGeneration.from_pretrained(llava, **from_pretrained_kwargs)
+        source = llava.config
+        policy_list = resolve_visual_policy(visual_policy, source.text_config.num_hidden_layers)
+        injected = [i for i, policy in enumerate(policy_list) if policy == "injected"]
+        if injected:
+            raise ValueError(
+                f"visual_policy makes layers {injected} `injected`, which needs one projector per layer; a LLaVA "
+                "has a single projector. Use `dense`, `frozen`, `naavit`, `composite` or `composite_noffn`."
+            )
+        if not isinstance(source.vision_feature_layer, int):
+            raise ValueError(
+                f"vision_feature_layer={source.vision_feature_layer!r}: SAISA reads one vision layer (an int)."
+            )
+        config = SaisaConfig(
+            vision_config=source.vision_config,
+            text_config=source.text_config,
+            image_token_index=source.image_token_id,
+            image_seq_length=source.image_seq_length,
+            projector_hidden_act=source.projector_hidden_act,
+            vision_feature_select_strategy=source.vision_feature_select_strategy,
+            vision_feature_layer=source.vision_feature_layer,
+            multimodal_projector_bias=source.multimodal_projector_bias,
+            shared_projector=True,
+            visual_policy=policy_list,
+            tie_word_embeddings=source.tie_word_embeddings,
+        )
+        with torch.device("meta"):  # a shell: every module is replaced by the Llava's own below
+            model = cls(config)
+        inner = model.model
+        inner.vision_tower = llava.model.vision_tower
+        inner.multi_modal_projector = nn.ModuleList([llava.model.multi_modal_projector])
+        inner.language_model = llava.model.language_model
+        model.lm_head = llava.lm_head
+        # The sub-configs are the Llava's own objects (shared, like the modules): one attention backend.
+        model.config.text_config = inner.language_model.config
+        model.config.vision_config = inner.vision_tower.config
+        model.config._attn_implementation_internal = source._attn_implementation
+        for layer in inner.language_model.layers:
+            layer._can_checkpoint_with_cache = True
+        model.generation_config = copy.deepcopy(llava.generation_config)
+        return model.train(llava.training)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
