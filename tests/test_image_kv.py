@@ -172,3 +172,21 @@ def test_dense_policy_refuses_the_store():
     ids, mask, px = make_batch([[3, "img", 2]], "left")
     with pytest.raises(ValueError, match=r"layers \[0\] are `dense`.*depend on the text"):
         model(input_ids=ids, attention_mask=mask, pixel_values=px, image_kv=ImageKVStore(max_bytes=BIG))
+
+
+@pytest.mark.parametrize("policy", [["injected", "naavit"], ["frozen", "frozen"], ["composite", "injected"]])
+def test_carried_state_policies(policy):
+    model = tiny_model(attn="sdpa", visual_policy=policy)
+    store = ImageKVStore(max_bytes=BIG)
+    ids, mask, px = make_batch([[3, "img", 2, "img", 1], [5, "img", 4]], "left")
+    fresh = _logits(model, ids, mask, px)
+    calls, hooks = _count_vision(model)
+    try:
+        assert torch.allclose(_logits(model, ids, mask, px, store), fresh, atol=1e-6)  # misses
+        after_misses = dict(calls)
+        assert torch.allclose(_logits(model, ids, mask, px, store), fresh, atol=1e-6)  # all hits
+        assert calls == after_misses and after_misses["projector"] > 0
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls["tower"] == 1 and store.stats()["hits"] == 3
