@@ -7,12 +7,14 @@ Importing the package registers SAISA with transformers' Auto classes, so that `
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from modeling_saisa.configuration import SaisaConfig
+from modeling_saisa.image_kv import ImageKVStore
 from modeling_saisa.modeling_saisa import SaisaForConditionalGeneration, SaisaModel, SaisaPreTrainedModel
 from modeling_saisa.processing import SaisaImageProcessor, SaisaProcessor, install_pipeline_image_errors
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ImageKVStore",
     "SaisaConfig",
     "SaisaForConditionalGeneration",
     "SaisaImageProcessor",

@@ -32,6 +32,7 @@ from transformers.utils.generic import can_return_tuple
 
 from modeling_saisa.backbones import backbone_spec
 from modeling_saisa.configuration import SaisaConfig
+from modeling_saisa.image_kv import ImageKVStore
 from modeling_saisa.layout import TokenLayout
 from modeling_saisa.policies import resolve_visual_policy
 from modeling_saisa.visual_kv import VisualKVCache, VisualState
@@ -247,9 +248,13 @@ class SaisaModel(SaisaPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        image_kv: ImageKVStore | None = None,
         **kwargs,
     ) -> tuple | SaisaModelOutputWithPast:
-        """As Llava's model forward; every output is in sequence layout (see `SaisaModelOutputWithPast`)."""
+        """As Llava's model forward; every output is in sequence layout (see `SaisaModelOutputWithPast`).
+
+        `image_kv`: an `ImageKVStore`; images it holds skip the vision tower and projectors, the others are added.
+        """
         outputs, _ = self.forward_text_rows(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -258,6 +263,7 @@ class SaisaModel(SaisaPreTrainedModel):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            image_kv=image_kv,
             **kwargs,
         )
         return outputs
@@ -271,6 +277,7 @@ class SaisaModel(SaisaPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        image_kv: ImageKVStore | None = None,
         **kwargs,
     ) -> tuple[SaisaModelOutputWithPast, TextRows | None]:
         """`forward`, plus the text rows in the compact per-query layout the backbone ran on.
@@ -330,13 +337,23 @@ class SaisaModel(SaisaPreTrainedModel):
                 attentions=outputs.attentions,
             ), None
 
-        image_outputs = self.get_image_features(pixel_values, return_dict=True)
-        features = image_outputs.pooler_output
         layout = TokenLayout.build(is_visual, mask_2d, position_ids, past_length, self.config.image_seq_length)
-        policy_list = resolve_visual_policy(self.config.visual_policy, text_config.num_hidden_layers)
-        sharded = checkpointing and any(isinstance(layer, FSDPModule) for layer in self.language_model.layers)
-        policy = VisualState(self, features, layout, policy_list, checkpointing=checkpointing, sharded_layers=sharded)
-        del features  # the policy owns f from here and frees it as soon as the last layer is served
+        if image_kv is not None:
+            # Stored images skip the tower and projectors; the misses' activations die inside the store's call.
+            image_outputs = None
+            policy = image_kv.policy(self, pixel_values, layout)
+        else:
+            image_outputs = self.get_image_features(pixel_values, return_dict=True)
+            policy_list = resolve_visual_policy(self.config.visual_policy, text_config.num_hidden_layers)
+            sharded = checkpointing and any(isinstance(layer, FSDPModule) for layer in self.language_model.layers)
+            policy = VisualState(
+                self,
+                image_outputs.pooler_output,
+                layout,
+                policy_list,
+                checkpointing=checkpointing,
+                sharded_layers=sharded,
+            )
         kv_length, kv_offset = (past_length + seq, 0)
         if cache is not None:
             kv_length, kv_offset = cache.get_mask_sizes(seq, 0)
@@ -540,6 +557,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        image_kv: ImageKVStore | None = None,
         **kwargs,
     ) -> tuple | SaisaCausalLMOutputWithPast:
         r"""
@@ -548,6 +566,9 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             row is visual or padding is never predicted: SAISA has outputs at text rows only.
         logits_to_keep (`int` or `torch.Tensor`, *optional*):
             As in transformers' causal LMs: keep only the last `logits_to_keep` positions (0 = all).
+        image_kv (`ImageKVStore`, *optional*):
+            Reusable per-image visual K/V: stored images skip the vision tower and every projector (`generate`
+            passes it through, so `generate(..., image_kv=store)` works too).
         """
         outputs, text_rows = self.model.forward_text_rows(
             input_ids=input_ids,
@@ -557,6 +578,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            image_kv=image_kv,
             **kwargs,
         )
         vocab_size = self.config.text_config.vocab_size

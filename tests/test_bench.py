@@ -76,3 +76,24 @@ def test_quick_table_says_the_targets_are_for_the_default_shape(monkeypatch, cap
     assert benchmark.TARGETS_NOTE in capsys.readouterr().out
     assert cli_main(["bench"]) == 0
     assert benchmark.TARGETS_NOTE not in capsys.readouterr().out
+
+
+def test_reuse_bench_tiny_shape() -> None:
+    from modeling_saisa.benchmark import BenchConfig
+    from modeling_saisa.reuse_bench import LAYOUTS, METHODS, format_reuse_table, run_reuse_benchmark
+
+    tiny = BenchConfig(
+        image_size=28, vision_hidden=32, vision_intermediate=64, vision_layers=1, vision_heads=2, hidden=32,
+        intermediate=64, layers=2, heads=2, kv_heads=2, vocab=64, text_before_image=4, decode_steps=2,
+    )  # fmt: skip
+    results = run_reuse_benchmark(tiny, images=2, questions=2, question_tokens=3)
+    for layout in LAYOUTS:
+        for method in METHODS:
+            figures = results[layout][method]
+            assert all(math.isfinite(figures[k]) and figures[k] > 0 for k in ("prefill_s", "end_to_end_s")), method
+        analytic = results["analytic_speedup"][layout]
+        assert analytic["saisa_store"] > analytic["saisa"] > 1 == analytic["llava_generate"]
+    # A prefix cache covers the image only when it comes first.
+    assert results["analytic_speedup"]["image_first"]["llava_prefix_reuse"] > 1.2
+    assert results["analytic_speedup"]["question_first"]["llava_prefix_reuse"] < 1.2
+    assert "saisa_store" in format_reuse_table(results)

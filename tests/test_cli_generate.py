@@ -146,3 +146,19 @@ def test_missing_model_directory(tmp_path, capsys):
     assert f"Model directory '{missing}' does not exist" in capsys.readouterr().err
     assert main(["chat", "--model", missing, "--image", "/nonexistent/x.png"]) == 2
     assert "Image file '/nonexistent/x.png' does not exist" in capsys.readouterr().err
+
+
+def test_chat_second_question_about_an_image_runs_no_vision(loaded, image_path):
+    model, processor = loaded
+    session = ChatSession(model, processor, {"max_new_tokens": MAX_NEW, "do_sample": False})
+    calls = []
+    hook = model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        session.add_image(image_path)
+        first = session.ask("what color is it")
+        second = session.ask("tell me more")
+    finally:
+        hook.remove()
+    assert len(calls) == 1 and session.image_kv.stats()["hits"] >= 1
+    expected = expected_answers(loaded, [("what color is it", [image_path]), ("tell me more", [])])
+    assert [first, second] == expected

@@ -180,3 +180,16 @@ def test_mixed_image_and_text_only_batch_equals_one_by_one(model, processor, ima
         out = model.generate(**batch, max_new_tokens=MAX_NEW, do_sample=False)
     answers = processor.post_process_image_text_to_text(out[:, batch["input_ids"].shape[1] :])
     assert [a.strip() for a in answers] == [chat_reference(model, processor, c)[1].strip() for c in chats]
+
+
+def test_pipeline_with_image_kv_store(model, processor, images):
+    from modeling_saisa import ImageKVStore
+
+    pipe = pipeline("image-text-to-text", model=model, processor=processor)
+    store = ImageKVStore(max_bytes=1 << 26)
+    for question in ("describe the picture", "what color is it"):
+        messages = chat(question, {"type": "image", "image": images["red"]})
+        _, text = chat_reference(model, processor, messages)
+        kwargs = dict(max_new_tokens=MAX_NEW, return_full_text=False, generate_kwargs={"image_kv": store})
+        assert pipe(text=messages, **kwargs)[0]["generated_text"].strip() == text.strip()
+    assert store.stats()["misses"] == 1 and store.stats()["hits"] == 1

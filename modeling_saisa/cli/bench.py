@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     parser.add_argument("--out", metavar="DIR", default=None, help="write bench_results.json and bench_ratios.png")
     parser.add_argument("--repeats", type=int, default=None, metavar="N", help="timed runs per measurement")
+    parser.add_argument(
+        "--reuse", action="store_true", help="many questions per image: Llava, Llava prefix cache, SAISA, SAISA+store"
+    )
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch intra-op threads")
 
 
@@ -39,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.repeats is not None and args.repeats < 1:
         raise ValueError("--repeats must be at least 1")
+    if args.reuse:
+        return run_reuse(args)
     results = run_benchmark(QUICK if args.quick else DEFAULT, repeats=args.repeats, threads=args.threads)
     if args.out:
         paths = write_outputs(results, args.out)
@@ -51,4 +56,18 @@ def run(args: argparse.Namespace) -> int:
             f"\nmatmul-only LLM-part ratio on this machine: {results['matmul_only_llm_ratio']:.3f}; "
             f"elapsed {results['elapsed_s']:.0f} s"
         )
+    return 0
+
+
+def run_reuse(args: argparse.Namespace) -> int:
+    """`saisa bench --reuse`: the image-KV store against Llava (see modeling_saisa.reuse_bench)."""
+    import torch
+
+    from modeling_saisa.benchmark import DEFAULT, QUICK
+    from modeling_saisa.reuse_bench import format_reuse_table, run_reuse_benchmark
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    results = run_reuse_benchmark(QUICK if args.quick else DEFAULT, repeats=args.repeats or 1)
+    print(json.dumps(results, indent=2, default=float) if args.json else format_reuse_table(results))
     return 0

@@ -23,6 +23,8 @@ from modeling_saisa.cli._common import (
     make_streamer,
     model_inputs,
 )
+from modeling_saisa.image_kv import ImageKVStore, check_text_independent
+from modeling_saisa.modeling_saisa import SaisaModel
 
 __all__ = ["ChatSession", "register", "run"]
 
@@ -44,6 +46,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+CHAT_IMAGE_KV_BYTES = 1 << 30
+
+
+def image_kv_store_for(model: Any) -> ImageKVStore | None:
+    """A store for a chat session's images, if the model can use one (SAISA with text-independent visual K/V)."""
+    inner = getattr(model, "model", None)
+    if not isinstance(inner, SaisaModel):
+        return None
+    try:
+        check_text_independent(inner)
+    except ValueError:
+        return None
+    return ImageKVStore(max_bytes=CHAT_IMAGE_KV_BYTES)
+
+
 class ChatSession:
     """The conversation state, separate from the terminal loop so that it can be driven and tested directly."""
 
@@ -56,6 +73,9 @@ class ChatSession:
         self.stream = stream  # where answers are streamed (None: the current sys.stdout)
         self.messages: list[dict[str, Any]] = []
         self.pending_images: list[str] = []
+        # Every turn re-sends the conversation's images: with a per-session store, only the first turn that shows
+        # an image runs the vision tower and projectors (policies whose visual K/V depend on text cannot use it).
+        self.image_kv = image_kv_store_for(model)
 
     def add_image(self, path: str) -> None:
         """Attach `path` to the next user message (checked now, so a typo is reported at once)."""
@@ -81,7 +101,8 @@ class ChatSession:
 
     def respond(self, turn: dict[str, Any], inputs: Any, kwargs: dict[str, Any]) -> str:
         """Stream the answer to a prepared turn, remember both and return the answer."""
-        output = self.model.generate(**inputs, streamer=make_streamer(self.processor, self.stream), **kwargs)
+        extra = {} if self.image_kv is None else {"image_kv": self.image_kv}
+        output = self.model.generate(**inputs, streamer=make_streamer(self.processor, self.stream), **extra, **kwargs)
         new_tokens = output[0, inputs["input_ids"].shape[1] :]
         answer = self.processor.decode(new_tokens, skip_special_tokens=True).strip()
         self.messages += [turn, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
