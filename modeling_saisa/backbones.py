@@ -44,6 +44,19 @@ class BackboneSpec:
         attn = layer.self_attn
         return attn.q_proj, (attn.q_norm if self.has_k_norm else None)
 
+    def sliding_window(self, text_config, layer_idx: int) -> int | None:
+        """Layer `layer_idx`'s attention window, None for full attention.
+
+        Mistral: `sliding_window` applies to every layer (None: full). Qwen2/Qwen3: only the layers that
+        `config.layer_types` marks `sliding_attention` (the transformers 5.x config fields these backbones read).
+        """
+        window = getattr(text_config, "sliding_window", None)
+        if window is None:
+            return None
+        if self.mask_by_layer_type:
+            return window if text_config.layer_types[layer_idx] == "sliding_attention" else None
+        return window
+
 
 _BACKBONES: dict[str, BackboneSpec] = {
     "llama": BackboneSpec(),  # Vicuna, Llama-2, Llama-3

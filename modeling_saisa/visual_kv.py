@@ -131,7 +131,9 @@ class VisualState:
         update = VISUAL_UPDATES[self.policy_list[layer_idx]]
 
         def attend() -> torch.Tensor:
-            return attend_visual(layer, self.layout, queries, keys, values, self.model.config.text_config)
+            text_config = self.model.config.text_config
+            window = self.spec.sliding_window(text_config, layer_idx)
+            return attend_visual(layer, self.layout, queries, keys, values, text_config, sliding_window=window)
 
         last = layer_idx == len(self.layers) - 1
         if not last:  # the last layer's update feeds nothing
@@ -147,10 +149,12 @@ def attend_visual(
     keys: torch.Tensor,
     values: torch.Tensor,
     text_config,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """A `dense` layer's attention for the visual rows: `[n_images, n_v, H, D]` over the merged K/V of their row.
 
-    Key j is visible to the visual row i iff j <= i and j is not padding (LLaVA's causal rule), built by
+    Key j is visible to the visual row i iff j <= i and j is not padding (LLaVA's causal rule) and, in a
+    sliding-window layer, i - j < `sliding_window` (transformers' sliding overlay, as the text rows get it), built by
     transformers' mask interface for the active backend. Varlen backends (flash-attention) take no 4-D mask, and
     flex-attention's CPU kernel fails to compile for these few-query shapes (torch 2.13): their visual rows go
     through SDPA, the same rule.
@@ -163,7 +167,11 @@ def attend_visual(
     key_valid = nn.functional.pad(layout.key_valid, (0, max(0, kv_length - layout.key_valid.shape[1])))[image_row]
 
     def visual_mask(batch_idx, head_idx, q_idx, kv_idx):
-        return (kv_idx <= own_key[batch_idx, q_idx]) & key_valid[batch_idx, kv_idx]
+        own = own_key[batch_idx, q_idx]
+        allowed = (kv_idx <= own) & key_valid[batch_idx, kv_idx]
+        if sliding_window is not None:
+            allowed = allowed & (kv_idx > own - sliding_window)
+        return allowed
 
     implementation = text_config._attn_implementation or "eager"
     if implementation == "flex_attention" or ALL_MASK_ATTENTION_FUNCTIONS.get(implementation) in (

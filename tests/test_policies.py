@@ -20,10 +20,14 @@ N_LAYERS = 4
 ROWS = [[3, "img", 4], ["img", 2, "img", 3], [5], [2, "img", 6]]
 
 
-def tiny_llava(attn: str = "eager", seed: int = 0) -> LlavaForConditionalGeneration:
-    saisa = tiny_config()
+def tiny_llava(
+    attn: str = "eager", seed: int = 0, text_type: str = "llama", **text_overrides
+) -> LlavaForConditionalGeneration:
+    saisa = tiny_config(text_type)
     text = saisa.text_config.to_dict()
     text["num_hidden_layers"] = N_LAYERS
+    text.pop("layer_types", None)  # recomputed for N_LAYERS (Qwen2) from the overrides
+    text.update(text_overrides)
     config = LlavaConfig(
         vision_config=saisa.vision_config.to_dict(),
         text_config=text,
@@ -116,6 +120,35 @@ def test_dense_equals_llava(padding_side):
             model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **kw),
             llava.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **kw),
         )
+
+
+# Windows of 6 keys: every visual query (16 per image) loses the start of its row, text rows too.
+SLIDING = {
+    "mistral": dict(sliding_window=6),
+    "qwen2": dict(use_sliding_window=True, sliding_window=6, max_window_layers=2),  # layers 2, 3 sliding
+}
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("text_type", sorted(SLIDING))
+def test_dense_equals_llava_with_sliding_windows(text_type, attn):
+    """`dense` layers give visual queries the layer's sliding window, as LLaVA does (Mistral, Qwen2)."""
+    llava = tiny_llava(attn, text_type=text_type, **SLIDING[text_type])
+    text_config = llava.config.text_config
+    assert text_config.sliding_window == 6
+    if text_type == "qwen2":
+        assert text_config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    model = SaisaForConditionalGeneration.from_llava(llava, visual_policy="dense")
+    ids, mask, pixels = make_batch(ROWS, padding_side="left")
+    with torch.no_grad():
+        expected = llava(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        got = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        full = tiny_llava(attn, text_type=text_type)  # the same weights without a window: it must matter here
+        full.load_state_dict(llava.state_dict())
+        unwindowed = full(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    rows = text_rows(ids, mask)
+    assert (unwindowed[rows] - expected[rows]).abs().max() > 1e-3
+    torch.testing.assert_close(got[rows], expected[rows], atol=1e-5, rtol=0)
 
 
 MIXED = [
