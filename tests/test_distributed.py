@@ -264,7 +264,12 @@ def test_fsdp2_full_state_dict_with_activation_checkpointing_matches_ddp(workspa
     diff = _max_diff(_losses(probe), _losses(ddp))
     print(f"FSDP2 (full state dict, activation checkpointing) vs DDP, max loss difference: {diff:.3g}")
     assert diff <= LOSS_ATOL
-    step2 = load_file(workspace / "fsdp_ac" / "checkpoint-2" / "model.safetensors")  # full: a plain checkpoint
+    checkpoint = workspace / "fsdp_ac" / "checkpoint-2"
+    for saved in (checkpoint, workspace / "fsdp_ac"):  # every save carries SAISA's code, never FSDP's class
+        auto_map = json.loads((saved / "config.json").read_text())["auto_map"]
+        assert auto_map["AutoModelForImageTextToText"] == "modeling_saisa.SaisaForConditionalGeneration", saved
+        assert not list(saved.glob("_fsdp*.py")), saved
+    step2 = load_file(checkpoint / "model.safetensors")  # full: a plain checkpoint
     ddp_step2 = load_file(workspace / "ddp" / "checkpoint-2" / "model.safetensors")
     assert max((step2[k] - ddp_step2[k]).abs().max().item() for k in ddp_step2) <= 1e-5
     torch.testing.assert_close(_reloaded_logits(workspace / "fsdp_ac", workspace), probe["logits"], atol=0, rtol=0)

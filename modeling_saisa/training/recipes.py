@@ -380,7 +380,7 @@ def train_stage(
         train_dataset=dataset,
         data_collator=SaisaDataCollator(processor, max_length=max_length),
         processing_class=processor,
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), plain_code_in_checkpoints()],
     )
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     output_dir = training_args.output_dir
@@ -403,6 +403,24 @@ def train_stage(
             processor.save_pretrained(output_dir)
     trainer.accelerator.wait_for_everyone()
     return {**result.metrics, "output_dir": output_dir, "skipped_rows": len(dataset.bad)}
+
+
+def plain_code_in_checkpoints() -> Any:
+    """A Trainer callback giving every intermediate `checkpoint-N/` SAISA's code and `auto_map`, as the final save.
+
+    Under FSDP2 Trainer saves checkpoints from the FSDP-swapped class (see `_undo_fsdp_class_in_saved_code`);
+    `on_save` runs right after each checkpoint is written (transformers 5.x `Trainer._save_checkpoint`).
+    """
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    class PlainCodeInCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kwargs):
+            checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            if state.is_world_process_zero and model is not None and os.path.isfile(f"{checkpoint}/config.json"):
+                _undo_fsdp_class_in_saved_code(model, checkpoint)
+
+    return PlainCodeInCheckpoints()
 
 
 def _undo_fsdp_class_in_saved_code(model: nn.Module, output_dir: str | os.PathLike) -> None:
@@ -433,6 +451,8 @@ def _undo_fsdp_class_in_saved_code(model: nn.Module, output_dir: str | os.PathLi
     config.get("auto_map", {}).pop(plain_class._auto_class, None)
     # custom_object_save reads only the class of what it is given: an uninitialised instance is enough.
     custom_object_save(plain_class.__new__(plain_class), output_dir, config=config)
-    with open(config_file, "w", encoding="utf-8") as f:
+    staged = f"{config_file}.tmp"
+    with open(staged, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
+    os.replace(staged, config_file)
