@@ -55,10 +55,17 @@ __all__ = [
     "TARGETS",
     "TARGETS_NOTE",
     "BenchConfig",
+    "bench_inputs",
+    "bench_shape",
+    "build_llava",
     "build_models",
+    "interleaved",
+    "machine_info",
+    "matmul_seconds",
     "plot_ratios",
     "quiet_native_stderr",
     "run_benchmark",
+    "sub_configs",
 ]
 
 # Targets of the benchmark issue: measured SAISA/LLaVA ratio against a limit (a factor of the analytic ratio of the
@@ -126,7 +133,7 @@ def _log(message: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # Models and inputs
 # --------------------------------------------------------------------------------------------------------------
-def _sub_configs(cfg: BenchConfig) -> tuple[dict, dict]:
+def sub_configs(cfg: BenchConfig) -> tuple[dict, dict]:
     vision = dict(
         model_type="clip_vision_model",
         hidden_size=cfg.vision_hidden,
@@ -153,54 +160,76 @@ def _sub_configs(cfg: BenchConfig) -> tuple[dict, dict]:
     return vision, text
 
 
-def build_models(cfg: BenchConfig, seed: int = 0) -> tuple[nn.Module, nn.Module, dict[str, torch.Tensor]]:
-    """LLaVA and SAISA with identical shapes and shared weights, plus one prompt (`input_ids`, `pixel_values`, ...)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+def bench_shape(cfg: BenchConfig) -> F.ModelShape:
+    """The analytic shape (`flops.model_shape`) of the benchmark's models."""
+    vision, text = sub_configs(cfg)
+    return F.model_shape(dict(text_config=text, vision_config=vision, image_seq_length=cfg.visual_tokens))
 
-    from modeling_saisa import SaisaConfig, SaisaForConditionalGeneration
 
-    vision, text = _sub_configs(cfg)
-    image_token_id = cfg.vocab - 1
-    joint = dict(
+def _llava_config(cfg: BenchConfig) -> dict[str, Any]:
+    vision, text = sub_configs(cfg)
+    return dict(
         vision_config=vision,
         text_config=text,
-        image_token_id=image_token_id,
+        image_token_id=cfg.vocab - 1,
         image_seq_length=cfg.visual_tokens,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
+
+
+def build_llava(cfg: BenchConfig, seed: int = 0) -> nn.Module:
+    """transformers' `LlavaForConditionalGeneration` at the benchmark shape, random weights, eval, `cfg`'s backend."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
     torch.manual_seed(seed)
-    llava = LlavaForConditionalGeneration(LlavaConfig(**joint))
-    saisa = SaisaForConditionalGeneration(SaisaConfig(**joint))
+    llava = LlavaForConditionalGeneration(LlavaConfig(**_llava_config(cfg)))
+    llava.set_attn_implementation(cfg.attn_implementation)
+    return llava.eval()
+
+
+def bench_inputs(cfg: BenchConfig, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """`batch` prompts of LLaVA-1.5's layout (text, one image, text), all `cfg.text_tokens + v` long (no padding)."""
+    image_token_id = cfg.vocab - 1
+    after = cfg.text_tokens - cfg.text_before_image
+    if cfg.text_before_image < 1 or after < 1:
+        raise ValueError("the prompt needs text before (BOS) and after the image")
+    generator = torch.Generator().manual_seed(seed)
+    rows = [
+        torch.cat(
+            [
+                torch.tensor([1]),
+                torch.randint(3, image_token_id, (cfg.text_before_image - 1,), generator=generator),
+                torch.full((cfg.visual_tokens,), image_token_id),
+                torch.randint(3, image_token_id, (after,), generator=generator),
+            ]
+        )
+        for _ in range(batch)
+    ]
+    ids = torch.stack(rows)
+    return dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values=torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=generator),
+        labels=ids.masked_fill(ids == image_token_id, -100),
+    )
+
+
+def build_models(cfg: BenchConfig, seed: int = 0) -> tuple[nn.Module, nn.Module, dict[str, torch.Tensor]]:
+    """LLaVA and SAISA with identical shapes and shared weights, plus one prompt (`input_ids`, `pixel_values`, ...)."""
+    from modeling_saisa import SaisaConfig, SaisaForConditionalGeneration
+
+    llava = build_llava(cfg, seed)
+    saisa = SaisaForConditionalGeneration(SaisaConfig(**_llava_config(cfg)))
     with torch.no_grad():
         saisa.model.vision_tower.load_state_dict(llava.model.vision_tower.state_dict())
         saisa.model.language_model.load_state_dict(llava.model.language_model.state_dict())
         saisa.lm_head.load_state_dict(llava.lm_head.state_dict())
         for projector in saisa.model.multi_modal_projector:
             projector.load_state_dict(llava.model.multi_modal_projector.state_dict())
-    for model in (llava, saisa):
-        model.set_attn_implementation(cfg.attn_implementation)
-        model.eval()
-
-    generator = torch.Generator().manual_seed(seed)
-    after = cfg.text_tokens - cfg.text_before_image
-    if cfg.text_before_image < 1 or after < 1:
-        raise ValueError("the prompt needs text before (BOS) and after the image")
-    ids = torch.cat(
-        [
-            torch.tensor([1]),
-            torch.randint(3, image_token_id, (cfg.text_before_image - 1,), generator=generator),
-            torch.full((cfg.visual_tokens,), image_token_id),
-            torch.randint(3, image_token_id, (after,), generator=generator),
-        ]
-    )[None]
-    inputs = dict(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        pixel_values=torch.randn(1, 3, cfg.image_size, cfg.image_size, generator=generator),
-        labels=ids.masked_fill(ids == image_token_id, -100),
-    )
-    return llava, saisa, inputs
+    saisa.set_attn_implementation(cfg.attn_implementation)
+    saisa.eval()
+    return llava, saisa, bench_inputs(cfg, 1, seed)
 
 
 @contextlib.contextmanager
@@ -223,7 +252,7 @@ def _precomputed_vision(model: nn.Module, pixel_values: torch.Tensor) -> Iterato
 # --------------------------------------------------------------------------------------------------------------
 # Measurement primitives
 # --------------------------------------------------------------------------------------------------------------
-def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
     """Wall times of each fn, A/B interleaved; the order alternates each repeat to cancel drift."""
     names = list(fns)
     for _ in range(warmup):
@@ -280,7 +309,7 @@ def peak_allocated_bytes(fn: Callable[[], Any]) -> int:
     return max(total for _, _, total in events) - start
 
 
-def _matmul_seconds(rows: int, inner: int, cols: int, batch: int = 1, target_s: float = 0.02) -> float:
+def matmul_seconds(rows: int, inner: int, cols: int, batch: int = 1, target_s: float = 0.02) -> float:
     """Best-of-5 seconds of a plain `torch.matmul` `[batch, rows, inner] @ [batch, inner, cols]`: the rate this
     machine reaches at that shape when nothing disturbs it (a reference, so the best, not the median)."""
     a = torch.randn(batch, rows, inner).squeeze(0)
@@ -330,7 +359,7 @@ def _matmul_reference(cfg: BenchConfig) -> dict[str, Any]:
         for rows, inner, cols, batch, count in _llm_part_products(cfg, saisa):
             key = (rows, inner, cols, batch)
             if key not in cache:
-                cache[key] = _matmul_seconds(*key)
+                cache[key] = matmul_seconds(*key)
                 label = f"{batch}x" if batch > 1 else ""
                 result["gflops_by_shape"][f"{label}[{rows}x{inner}]@[{inner}x{cols}]"] = (
                     2 * batch * rows * inner * cols / cache[key] / 1e9
@@ -345,8 +374,7 @@ def _matmul_reference(cfg: BenchConfig) -> dict[str, Any]:
 # The benchmark
 # --------------------------------------------------------------------------------------------------------------
 def _analytic(cfg: BenchConfig) -> dict[str, Any]:
-    vision, text = _sub_configs(cfg)
-    shape = F.model_shape(dict(text_config=text, vision_config=vision, image_seq_length=cfg.visual_tokens))
+    shape = bench_shape(cfg)
     t, v = cfg.text_tokens, cfg.visual_tokens
     dense, saisa = F.llava_prefill_flops(shape, t, v), F.saisa_prefill_flops(shape, t, v)
     dense_train, saisa_train = F.llava_train_flops(shape, t, v), F.saisa_train_flops(shape, t, v)
@@ -368,7 +396,7 @@ def _analytic(cfg: BenchConfig) -> dict[str, Any]:
     }
 
 
-def _machine(threads: int) -> dict[str, Any]:
+def machine_info(threads: int) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
@@ -397,7 +425,7 @@ def run_benchmark(
         torch.set_num_threads(threads)
     if repeats is not None:
         cfg = replace(cfg, repeats=repeats)
-    results: dict[str, Any] = {"config": asdict(cfg), "machine": _machine(torch.get_num_threads())}
+    results: dict[str, Any] = {"config": asdict(cfg), "machine": machine_info(torch.get_num_threads())}
     results.update(_analytic(cfg))
 
     log(
@@ -418,11 +446,11 @@ def run_benchmark(
         return fn
 
     log("prefill, end to end")
-    times["prefill"] = _interleaved({n: prefill(m) for n, m in models.items()}, cfg.repeats)
+    times["prefill"] = interleaved({n: prefill(m) for n, m in models.items()}, cfg.repeats)
 
     log("prefill, LLM part (vision tower output precomputed)")
     with _precomputed_vision(llava, prompt["pixel_values"]), _precomputed_vision(saisa, prompt["pixel_values"]):
-        times["prefill_llm"] = _interleaved({n: prefill(m) for n, m in models.items()}, cfg.repeats)
+        times["prefill_llm"] = interleaved({n: prefill(m) for n, m in models.items()}, cfg.repeats)
 
     log("decode per token at the same cache length")
     caches = {}
@@ -443,7 +471,7 @@ def run_benchmark(
 
         return fn
 
-    decode_times = _interleaved({n: decode(n) for n in models}, cfg.repeats)
+    decode_times = interleaved({n: decode(n) for n in models}, cfg.repeats)
     times["decode"] = {n: [x / cfg.decode_steps for x in ts] for n, ts in decode_times.items()}
     cache_lengths = {n: c.get_seq_length() for n, c in caches.items()}
     caches.clear()  # free both KV caches before the training step
@@ -460,7 +488,7 @@ def run_benchmark(
 
         return fn
 
-    times["train_step"] = _interleaved({n: train_step(m) for n, m in models.items()}, cfg.repeats)
+    times["train_step"] = interleaved({n: train_step(m) for n, m in models.items()}, cfg.repeats)
     for model in models.values():
         model.zero_grad(set_to_none=True)
         model.eval()

@@ -97,3 +97,64 @@ def test_reuse_bench_tiny_shape() -> None:
     assert results["analytic_speedup"]["image_first"]["llava_prefix_reuse"] > 1.2
     assert results["analytic_speedup"]["question_first"]["llava_prefix_reuse"] < 1.2
     assert "saisa_store" in format_reuse_table(results)
+
+
+TINY_POLICY_SHAPE = dict(
+    image_size=28, vision_hidden=32, vision_intermediate=64, vision_layers=1, vision_heads=2, hidden=32,
+    intermediate=64, heads=4, kv_heads=2, vocab=64, text_tokens=8, text_before_image=4,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "policy_list",
+    [
+        None,  # transformers' Llava
+        ["dense"] * 4,
+        ["frozen", "dense", "naavit", "composite"],
+        ["composite_noffn", "injected", "dense", "frozen"],
+        ["injected"] * 4,
+    ],
+)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_policy_products_are_exactly_the_counted_flops(policy_list, batch) -> None:
+    """The plain-matmul reference times exactly the work the FLOPs formulas count (per policy, per prompt)."""
+    from modeling_saisa import flops as F
+    from modeling_saisa.benchmark import BenchConfig, bench_shape
+    from modeling_saisa.policy_bench import policy_products
+
+    cfg = BenchConfig(layers=4, **TINY_POLICY_SHAPE)
+    shape, t, v = bench_shape(cfg), cfg.text_tokens, cfg.visual_tokens
+    if policy_list is None:
+        counted = F.llava_prefill_flops(shape, t, v)
+    else:
+        counted = F.policy_prefill_flops(shape, policy_list, t, v)
+    products = policy_products(cfg, policy_list, batch)
+    total = sum(2 * rows * inner * cols * heads * count for (rows, inner, cols, heads), count in products.items())
+    assert total == batch * (counted.llm_and_projector + counted.lm_head)
+
+
+def test_policy_bench_cli_tiny_shape(monkeypatch, tmp_path, capsys) -> None:
+    """`saisa bench --visual-policy` end to end on a tiny shape: both cases, finite figures, outputs written."""
+    from modeling_saisa import benchmark
+    from modeling_saisa.policy_bench import policy_bench_config
+
+    tiny = benchmark.BenchConfig(layers=2, **TINY_POLICY_SHAPE)
+    monkeypatch.setattr(benchmark, "QUICK", tiny)
+    argv = ["bench", "--quick", "--visual-policy", "composite", "--visual-policy", "shortv-llava-1.5-7b"]
+    assert cli_main([*argv, "--batch", "2", "--repeats", "1", "--json", "--out", str(tmp_path)]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["visual_policy"] for r in results] == ["composite", "shortv-llava-1.5-7b"]
+    assert [r["config"]["layers"] for r in results] == [2, 32]  # the preset brings its own depth
+    assert policy_bench_config("naavit", tiny).layers == 2
+    for result in results:
+        assert [case["prompts"] for case in result["cases"].values()] == [1, 2]
+        assert 0 < result["analytic_ratio"] < 1
+        for case in result["cases"].values():
+            for key in ("ratio", "matmul_only_ratio", "ratio_over_analytic"):
+                assert math.isfinite(case[key]) and case[key] > 0, key
+        assert set(result["target"]) == {"measured", "limit", "met"}
+    assert json.loads((tmp_path / "policy_bench_results.json").read_text())[0]["policy_list"] == ["composite"] * 2
+    assert (tmp_path / "policy_bench_ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.tmp*"))
+    assert cli_main(["bench", "--visual-policy", "composite", "--batch", "1"]) != 0
+    assert "--batch must be at least 2 (the batched case); got 1" in capsys.readouterr().err

@@ -20,6 +20,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reuse", action="store_true", help="many questions per image: Llava, Llava prefix cache, SAISA, SAISA+store"
     )
+    parser.add_argument(
+        "--visual-policy",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="a family member on transformers' Llava (from_llava) against that Llava: a policy name, preset "
+        "(shortv-llava-1.5-7b gets its 32 layers) or preset file; repeat to compare several in one run",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=8, metavar="N", help="prompts in the batched case of --visual-policy (default 8)"
+    )
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch intra-op threads")
 
 
@@ -42,8 +53,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.repeats is not None and args.repeats < 1:
         raise ValueError("--repeats must be at least 1")
+    if args.reuse and args.visual_policy:
+        raise ValueError("--reuse and --visual-policy are separate benchmarks: run them one at a time")
     if args.reuse:
         return run_reuse(args)
+    if args.visual_policy:
+        return run_policies(args)
     results = run_benchmark(QUICK if args.quick else DEFAULT, repeats=args.repeats, threads=args.threads)
     if args.out:
         paths = write_outputs(results, args.out)
@@ -70,4 +85,23 @@ def run_reuse(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     results = run_reuse_benchmark(QUICK if args.quick else DEFAULT, repeats=args.repeats or 1)
     print(json.dumps(results, indent=2, default=float) if args.json else format_reuse_table(results))
+    return 0
+
+
+def run_policies(args: argparse.Namespace) -> int:
+    """`saisa bench --visual-policy SPEC ...`: each policy on a Llava against that Llava (modeling_saisa.policy_bench)."""
+    from modeling_saisa.benchmark import DEFAULT, QUICK
+    from modeling_saisa.policy_bench import format_policy_table, run_policy_benchmark, write_policy_outputs
+
+    if args.batch < 2:
+        raise ValueError(f"--batch must be at least 2 (the batched case); got {args.batch}")
+    cfg = QUICK if args.quick else DEFAULT
+    results = [
+        run_policy_benchmark(spec, cfg, batch=args.batch, repeats=args.repeats or 3, threads=args.threads)
+        for spec in args.visual_policy
+    ]
+    if args.out:
+        paths = write_policy_outputs(results, args.out)
+        print(f"[saisa bench] wrote {paths['json']} and {paths['png']}", file=sys.stderr)
+    print(json.dumps(results, indent=2, default=float) if args.json else format_policy_table(results))
     return 0
