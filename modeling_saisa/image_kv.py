@@ -32,7 +32,15 @@ from modeling_saisa.visual_kv import VisualState
 if TYPE_CHECKING:
     from modeling_saisa.modeling_saisa import SaisaModel
 
-__all__ = ["ImageKVStore", "StoredVisualKV", "image_digest", "model_fingerprint"]
+__all__ = [
+    "ImageKVStore",
+    "StoredVisualKV",
+    "WeightSums",
+    "fingerprint_parameters",
+    "image_digest",
+    "model_fingerprint",
+    "weights_digest",
+]
 
 _SAMPLES_PER_TENSOR = 64
 _FORMAT = "saisa-image-kv/1"
@@ -46,13 +54,36 @@ def image_digest(pixels: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def _weights_digest(named: list[tuple[str, torch.Tensor]]) -> str:
-    """Names, shapes, dtypes and strided samples of the parameters: cheap, and changed by any real update."""
+class WeightSums:
+    """Each parameter's float64 sum, recomputed only when the tensor changed.
+
+    The sum is the expensive half of a weights digest (a full pass over every weight: about a second per call on
+    the benchmark's model on 2 CPU cores); most calls see the same weights. A tensor counts as unchanged while its
+    storage (`data_ptr`) and its version counter are the same: torch bumps `Tensor._version` on every in-place
+    write, optimizer steps and `load_state_dict` included (torch 2.x autograd behaviour), and `p.data = ...` moves
+    the storage. The strided samples of `weights_digest` are still taken every call.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, tuple[int, int, torch.Tensor]] = {}
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        key = (tensor.data_ptr(), tensor._version)
+        cached = self._sums.get(name)
+        if cached is None or cached[:2] != key:
+            cached = (*key, tensor.detach().sum(dtype=torch.float64).reshape(1))
+            self._sums[name] = cached
+        return cached[2]
+
+
+def weights_digest(named: list[tuple[str, torch.Tensor]], sums: WeightSums | None = None) -> str:
+    """Names, shapes, dtypes, strided samples and sums of the parameters: cheap, and changed by any real update."""
+    sums = sums or WeightSums()
     digest = hashlib.sha256()
     for name, tensor in named:
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
-        sample = torch.cat([flat[::step], flat.sum(dtype=torch.float64).reshape(1).to(flat.dtype)])
+        sample = torch.cat([flat[::step], sums(name, tensor).to(flat.dtype)])
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         digest.update(sample.float().cpu().numpy().tobytes())
     return digest.hexdigest()
@@ -63,15 +94,14 @@ def visual_policy_list(model: SaisaModel) -> list[str]:
     return resolve_visual_policy(model.config.visual_policy, len(model.language_model.layers))
 
 
-def model_fingerprint(model: SaisaModel) -> dict[str, str]:
-    """Everything that changes a stored image's K/V, one readable field each (so a mismatch can say what differs)."""
-    config = model.config
-    text_config = config.text_config
+def fingerprint_parameters(model: SaisaModel) -> list[tuple[str, torch.Tensor]]:
+    """The parameters a stored image's K/V depend on: tower, projectors, and per layer its K/V parts (an `injected`
+    layer) or the whole layer (a carried state: the layer's update shapes the next layer's K/V)."""
     named = [(f"vision_tower.{n}", p) for n, p in model.vision_tower.named_parameters()]
     named += [(f"multi_modal_projector.{n}", p) for n, p in model.multi_modal_projector.named_parameters()]
     policy_list = visual_policy_list(model)
     for index, layer in enumerate(model.language_model.layers):
-        if policy_list[index] != "injected":  # carried state: the layer's whole update shapes the next K/V
+        if policy_list[index] != "injected":
             named += [(f"layers.{index}.{n}", p) for n, p in layer.named_parameters()]
             continue
         attention = layer.self_attn
@@ -79,6 +109,17 @@ def model_fingerprint(model: SaisaModel) -> dict[str, str]:
         if getattr(attention, "k_norm", None) is not None:
             parts["k_norm"] = attention.k_norm
         named += [(f"layers.{index}.{part}.{n}", p) for part, m in parts.items() for n, p in m.named_parameters()]
+    return named
+
+
+def model_fingerprint(model: SaisaModel, sums: WeightSums | None = None) -> dict[str, str]:
+    """Everything that changes a stored image's K/V, one readable field each (so a mismatch can say what differs).
+
+    `sums`: a `WeightSums` kept between calls (the store keeps one), so unchanged weights are not summed again.
+    """
+    config = model.config
+    text_config = config.text_config
+    named = fingerprint_parameters(model)
     return {
         "vision_model_type": str(config.vision_config.model_type),
         "text_model_type": str(text_config.model_type),
@@ -89,7 +130,7 @@ def model_fingerprint(model: SaisaModel) -> dict[str, str]:
         "visual_policy": ",".join(visual_policy_list(model)),
         "vision_feature_layer": str(config.vision_feature_layer),
         "vision_feature_select_strategy": str(config.vision_feature_select_strategy),
-        "weights": _weights_digest(named),
+        "weights": weights_digest(named, sums),
     }
 
 
@@ -155,6 +196,7 @@ class ImageKVStore:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._fingerprint: dict[str, str] | None = None
+        self._sums = WeightSums()  # per-parameter sums, recomputed only for tensors that changed
         self._strict = False  # a loaded store must match its model exactly
         self._bytes = self.hits = self.misses = self.evictions = 0
 
@@ -208,7 +250,7 @@ class ImageKVStore:
         """Make the store serve `model` (checked per call: in-place weight updates change the fingerprint)."""
         model = getattr(model, "model", model) if not hasattr(model, "vision_tower") else model  # the LM wrapper too
         check_text_independent(model)
-        current = model_fingerprint(model)
+        current = model_fingerprint(model, self._sums)
         if self._fingerprint is not None and current != self._fingerprint:
             if self._strict:
                 raise ValueError(

@@ -12,16 +12,31 @@ question first (the prefix cache then covers only the text before the question).
 from __future__ import annotations
 
 import copy
+import gc
+import json
+import os
+import statistics
+import sys
 import time
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from modeling_saisa import flops as F
-from modeling_saisa.benchmark import BenchConfig, build_models
+from modeling_saisa.benchmark import BenchConfig, build_models, machine_info
 from modeling_saisa.image_kv import ImageKVStore
 
-__all__ = ["METHODS", "LAYOUTS", "run_reuse_benchmark", "format_reuse_table"]
+__all__ = [
+    "LAYOUTS",
+    "METHODS",
+    "REUSE_TARGETS",
+    "format_reuse_table",
+    "plot_reuse",
+    "reuse_targets",
+    "run_reuse_benchmark",
+    "write_reuse_outputs",
+]
 
 METHODS = ("llava_generate", "llava_prefix_reuse", "saisa", "saisa_store")
 LAYOUTS = ("image_first", "question_first")
@@ -54,7 +69,8 @@ def _common_prefix(rows: list[torch.Tensor]) -> int:
     return length
 
 
-def _run(method: str, llava, saisa, prompts, pixel_values, image_id: int, new_tokens: int) -> None:
+def _run(method: str, llava, saisa, prompts, pixel_values, image_id: int, new_tokens: int) -> dict[str, int] | None:
+    """Answer every prompt one at a time with `method`; returns the store's stats for `saisa_store`."""
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     store = ImageKVStore(max_bytes=1 << 40) if method == "saisa_store" else None
     prefixes: dict[int, tuple[int, Any]] = {}
@@ -78,6 +94,7 @@ def _run(method: str, llava, saisa, prompts, pixel_values, image_id: int, new_to
             llava.generate(input_ids=ids, attention_mask=mask, cache=copy.deepcopy(cache), **extra, **gen)
         else:
             saisa.generate(input_ids=ids, attention_mask=mask, pixel_values=px, image_kv=store, **gen)
+    return store.stats() if store is not None else None
 
 
 def _analytic(cfg: BenchConfig, config: Any, question_tokens: int, questions: int) -> dict[str, dict[str, float]]:
@@ -103,36 +120,61 @@ def _analytic(cfg: BenchConfig, config: Any, question_tokens: int, questions: in
 
 
 def run_reuse_benchmark(
-    cfg: BenchConfig, images: int = 4, questions: int = 8, question_tokens: int = 16, repeats: int = 1, seed: int = 0
+    cfg: BenchConfig,
+    images: int = 4,
+    questions: int = 8,
+    question_tokens: int = 16,
+    repeats: int = 3,
+    seed: int = 0,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Measure the four methods in both layouts; throughput = prompt tokens (visual included) / seconds."""
+    """Measure the four methods in both layouts; throughput = prompt tokens (visual included) / seconds.
+
+    Each repeat runs every (method, phase) once, the methods' order reversed every other repeat, so that a burst of
+    load from elsewhere spreads over all of them; a time is the median over repeats (the minimum is kept too).
+    """
+    log = (lambda message: print(f"[saisa bench --reuse] {message}", file=sys.stderr, flush=True)) if progress else None
     llava, saisa = build_models(cfg, seed)[:2]
     image_id = cfg.vocab - 1
     results: dict[str, Any] = {
         "images": images,
         "questions": questions,
+        "repeats": repeats,
+        "config": asdict(cfg),
+        "machine": machine_info(torch.get_num_threads()),
         "analytic_speedup": _analytic(cfg, saisa.config, question_tokens, questions),
     }
+    phases = (("prefill", 1), ("end_to_end", cfg.decode_steps))
     with torch.inference_mode():
         for layout in LAYOUTS:
             prompts, pixel_values = _prompts(cfg, layout, images, questions, question_tokens, seed)
             tokens = sum(ids.shape[1] for _, ids in prompts)
-            row: dict[str, dict[str, float]] = {}
+            times: dict[tuple[str, str], list[float]] = {(m, p): [] for m in METHODS for p, _ in phases}
+            stats: dict[str, Any] = {}
             for method in METHODS:
                 _run(method, llava, saisa, prompts[:2], pixel_values, image_id, 1)  # warm-up
-                timings = {}
-                for phase, new_tokens in (("prefill", 1), ("end_to_end", cfg.decode_steps)):
-                    best = float("inf")
-                    for _ in range(repeats):
+            for repeat in range(repeats):
+                if log:
+                    log(f"{layout}: repeat {repeat + 1} of {repeats}")
+                for method in METHODS if repeat % 2 == 0 else METHODS[::-1]:
+                    for phase, new_tokens in phases:
+                        gc.collect()
                         start = time.perf_counter()
-                        _run(method, llava, saisa, prompts, pixel_values, image_id, new_tokens)
-                        best = min(best, time.perf_counter() - start)
-                    timings[phase] = best
+                        stats[method] = _run(method, llava, saisa, prompts, pixel_values, image_id, new_tokens)
+                        times[(method, phase)].append(time.perf_counter() - start)
+            row: dict[str, dict[str, Any]] = {}
+            for method in METHODS:
+                prefill, end_to_end = times[(method, "prefill")], times[(method, "end_to_end")]
                 row[method] = {
-                    "prefill_s": timings["prefill"],
-                    "prefill_tokens_per_s": tokens / timings["prefill"],
-                    "end_to_end_s": timings["end_to_end"],
+                    "prefill_s": statistics.median(prefill),
+                    "prefill_min_s": min(prefill),
+                    "prefill_tokens_per_s": tokens / statistics.median(prefill),
+                    "end_to_end_s": statistics.median(end_to_end),
+                    "end_to_end_min_s": min(end_to_end),
+                    "all_s": {"prefill": prefill, "end_to_end": end_to_end},
                 }
+                if stats[method] is not None:
+                    row[method]["store_stats"] = stats[method]
             base = row["llava_generate"]["prefill_tokens_per_s"]
             for method in METHODS:
                 row[method]["prefill_speedup"] = row[method]["prefill_tokens_per_s"] / base
@@ -140,18 +182,99 @@ def run_reuse_benchmark(
     return results
 
 
+# The reuse issue's targets: (layout, method, reference method, least speedup in prefill throughput).
+REUSE_TARGETS = (
+    ("image_first", "saisa_store", "llava_generate", 5.0),
+    ("question_first", "saisa_store", "llava_generate", 5.0),
+    ("question_first", "saisa_store", "llava_prefix_reuse", 1.5),
+)
+LABELS = {
+    "llava_generate": "(a) Llava generate",
+    "llava_prefix_reuse": "(b) Llava + prefix cache",
+    "saisa": "(c) SAISA",
+    "saisa_store": "(d) SAISA + ImageKVStore",
+}
+
+
+def reuse_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    checks = []
+    for layout, method, reference, least in REUSE_TARGETS:
+        rows = results[layout]
+        measured = rows[method]["prefill_tokens_per_s"] / rows[reference]["prefill_tokens_per_s"]
+        checks.append(
+            {"layout": layout, "method": method, "over": reference, "least": least, "measured": measured,
+             "met": measured >= least}
+        )  # fmt: skip
+    return checks
+
+
 def format_reuse_table(results: dict[str, Any]) -> str:
+    """Markdown: every method in both layouts, the speedups beside the analytic ones, then the targets."""
     lines = [
-        f"{results['images']} images x {results['questions']} questions, one prompt at a time",
-        f"{'layout':<15} {'method':<20} {'prefill tok/s':>14} {'prefill s':>10} {'end-to-end s':>13} "
-        f"{'speedup':>8} {'analytic':>9}",
+        f"{results['images']} images x {results['questions']} questions, one prompt at a time "
+        f"(median of {results.get('repeats', 1)} repeats)",
+        "",
+        "| layout | method | prefill tok/s | prefill s | end to end s | prefill speedup | analytic |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for layout in LAYOUTS:
         for method in METHODS:
             r = results[layout][method]
             lines.append(
-                f"{layout:<15} {method:<20} {r['prefill_tokens_per_s']:>14.0f} {r['prefill_s']:>10.2f} "
-                f"{r['end_to_end_s']:>13.2f} {r['prefill_speedup']:>7.2f}x "
-                f"{results['analytic_speedup'][layout][method]:>8.2f}x"
+                f"| {layout.replace('_', ' ')} | {LABELS[method]} | {r['prefill_tokens_per_s']:.0f} | "
+                f"{r['prefill_s']:.2f} | {r['end_to_end_s']:.2f} | {r['prefill_speedup']:.2f}x | "
+                f"{results['analytic_speedup'][layout][method]:.2f}x |"
             )
+    lines.append("")
+    for check in reuse_targets(results):
+        lines.append(
+            f"{check['layout'].replace('_', ' ')}: {LABELS[check['method']]} over {LABELS[check['over']]}: "
+            f"{check['measured']:.2f}x (target >= {check['least']:.1f}x): {'met' if check['met'] else 'missed'}"
+        )
     return "\n".join(lines)
+
+
+def plot_reuse(results: dict[str, Any], path: str) -> None:
+    """Measured and analytic prefill speedups over Llava generate, per method and layout."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(LAYOUTS), figsize=(11, 4), sharey=True)
+    for ax, layout in zip(axes, LAYOUTS):
+        x = range(len(METHODS))
+        measured = [results[layout][m]["prefill_speedup"] for m in METHODS]
+        analytic = [results["analytic_speedup"][layout][m] for m in METHODS]
+        ax.bar([i - 0.2 for i in x], measured, width=0.4, label="measured", color="#3b75af")
+        ax.bar([i + 0.2 for i in x], analytic, width=0.4, label="analytic FLOPs", color="#cfe2f3")
+        for i, value in enumerate(measured):
+            ax.text(i - 0.2, value + 0.1, f"{value:.1f}x", ha="center", fontsize=8)
+        ax.set_xticks(list(x), [LABELS[m].split(") ", 1)[1] for m in METHODS], fontsize=8, rotation=15)
+        ax.set_title(layout.replace("_", " "), fontsize=9)
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    axes[0].set_ylabel("prefill throughput / Llava generate")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        f"{results['images']} images x {results['questions']} questions, CPU "
+        f"{results['machine']['torch_threads']} threads, fp32",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reuse_outputs(results: dict[str, Any], out_dir: str) -> dict[str, str]:
+    """`reuse_bench_results.json` and `reuse_bench_speedups.png` in `out_dir` (each written whole, then renamed)."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {
+        "json": os.path.join(out_dir, "reuse_bench_results.json"),
+        "png": os.path.join(out_dir, "reuse_bench_speedups.png"),
+    }
+    with open(paths["json"] + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump({**results, "targets": reuse_targets(results)}, handle, indent=2, default=float)
+    plot_reuse(results, paths["png"] + ".tmp.png")
+    os.replace(paths["json"] + ".tmp", paths["json"])
+    os.replace(paths["png"] + ".tmp.png", paths["png"])
+    return paths

@@ -78,7 +78,7 @@ def test_quick_table_says_the_targets_are_for_the_default_shape(monkeypatch, cap
     assert benchmark.TARGETS_NOTE not in capsys.readouterr().out
 
 
-def test_reuse_bench_tiny_shape() -> None:
+def test_reuse_bench_tiny_shape(tmp_path) -> None:
     from modeling_saisa.benchmark import BenchConfig
     from modeling_saisa.reuse_bench import LAYOUTS, METHODS, format_reuse_table, run_reuse_benchmark
 
@@ -86,7 +86,7 @@ def test_reuse_bench_tiny_shape() -> None:
         image_size=28, vision_hidden=32, vision_intermediate=64, vision_layers=1, vision_heads=2, hidden=32,
         intermediate=64, layers=2, heads=2, kv_heads=2, vocab=64, text_before_image=4, decode_steps=2,
     )  # fmt: skip
-    results = run_reuse_benchmark(tiny, images=2, questions=2, question_tokens=3)
+    results = run_reuse_benchmark(tiny, images=2, questions=2, question_tokens=3, repeats=1, progress=False)
     for layout in LAYOUTS:
         for method in METHODS:
             figures = results[layout][method]
@@ -96,7 +96,17 @@ def test_reuse_bench_tiny_shape() -> None:
     # A prefix cache covers the image only when it comes first.
     assert results["analytic_speedup"]["image_first"]["llava_prefix_reuse"] > 1.2
     assert results["analytic_speedup"]["question_first"]["llava_prefix_reuse"] < 1.2
-    assert "saisa_store" in format_reuse_table(results)
+    table = format_reuse_table(results)
+    assert "(d) SAISA + ImageKVStore" in table and table.count("target >=") == 3
+    # Every question after the first about an image is a store hit, in both phases' runs.
+    for layout in LAYOUTS:
+        assert results[layout]["saisa_store"]["store_stats"]["hits"] == 2 * (2 - 1)
+        assert results[layout]["saisa_store"]["store_stats"]["misses"] == 2
+    from modeling_saisa.reuse_bench import write_reuse_outputs
+
+    paths = write_reuse_outputs(results, str(tmp_path))
+    assert len(json.loads(open(paths["json"]).read())["targets"]) == 3
+    assert open(paths["png"], "rb").read()[:4] == b"\x89PNG" and not list(tmp_path.glob("*.tmp*"))
 
 
 TINY_POLICY_SHAPE = dict(

@@ -190,3 +190,27 @@ def test_carried_state_policies(policy):
         for hook in hooks:
             hook.remove()
     assert calls["tower"] == 1 and store.stats()["hits"] == 3
+
+
+def test_fingerprint_sums_only_changed_weights(monkeypatch):
+    """Unchanged weights are not summed again on every call; a one-element in-place write, which strided samples
+    alone can miss, or a replaced tensor, is still seen."""
+    from modeling_saisa import image_kv
+
+    model = tiny_model(attn="sdpa").model
+    sums = image_kv.WeightSums()
+    first = image_kv.model_fingerprint(model, sums)
+    assert first == image_kv.model_fingerprint(model)  # the cache changes nothing in the result
+    summed = []
+    real_sum = torch.Tensor.sum
+    monkeypatch.setattr(torch.Tensor, "sum", lambda self, *a, **k: summed.append(self.shape) or real_sum(self, *a, **k))
+    assert image_kv.model_fingerprint(model, sums) == first
+    assert summed == []
+    weight = model.language_model.layers[1].self_attn.k_proj.weight
+    with torch.no_grad():
+        weight[1, 3] += 0.5  # row 1 is not on the 64-sample stride of this weight
+    changed = image_kv.model_fingerprint(model, sums)
+    assert summed == [weight.shape] and changed["weights"] != first["weights"]
+    with torch.no_grad():
+        model.language_model.layers[1].self_attn.v_proj.weight.data = weight.detach().clone()
+    assert image_kv.model_fingerprint(model, sums)["weights"] != changed["weights"]

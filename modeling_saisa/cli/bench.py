@@ -79,11 +79,14 @@ def run_reuse(args: argparse.Namespace) -> int:
     import torch
 
     from modeling_saisa.benchmark import DEFAULT, QUICK
-    from modeling_saisa.reuse_bench import format_reuse_table, run_reuse_benchmark
+    from modeling_saisa.reuse_bench import format_reuse_table, run_reuse_benchmark, write_reuse_outputs
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    results = run_reuse_benchmark(QUICK if args.quick else DEFAULT, repeats=args.repeats or 1)
+    results = run_reuse_benchmark(QUICK if args.quick else DEFAULT, repeats=args.repeats or 3)
+    if args.out:
+        paths = write_reuse_outputs(results, args.out)
+        print(f"[saisa bench] wrote {paths['json']} and {paths['png']}", file=sys.stderr)
     print(json.dumps(results, indent=2, default=float) if args.json else format_reuse_table(results))
     return 0
 
