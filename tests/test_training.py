@@ -504,3 +504,17 @@ def test_saisa_demo_quick(tmp_path, capsys):
     out = pipe(text=chat, max_new_tokens=4, return_full_text=False)
     assert isinstance(out[0][0]["generated_text"], str)
     assert not math.isnan(float(match.group(1)))
+
+
+def test_demo_steps_flag_sets_the_schedule(monkeypatch, capsys):
+    from modeling_saisa.cli import main
+    from modeling_saisa.training import demo
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda **kwargs: seen.update(kwargs))
+    assert main(["demo", "--steps", "4000", "--visual-policy", "naavit", "--seed", "2"]) == 0
+    assert seen["settings"] == demo.replace(demo.STANDARD, steps=4000)
+    assert (seen["visual_policy"], seen["seed"]) == ("naavit", 2)
+    assert main(["demo", "--quick"]) == 0 and seen["settings"] == demo.QUICK
+    assert main(["demo", "--steps", "0"]) != 0
+    assert "--steps must be a positive number of training steps; got 0" in capsys.readouterr().err

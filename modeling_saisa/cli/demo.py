@@ -1,6 +1,6 @@
 """`saisa demo`: train a small SAISA from scratch on synthetic shapes, on the CPU, and show that it sees.
 
-    saisa demo [--output-dir DIR] [--quick] [--seed N]
+    saisa demo [--output-dir DIR] [--quick] [--seed N] [--steps N] [--visual-policy SPEC] [--threads N]
 
 Prints Trainer's progress bar, a results table per question kind, and ends with the line `accuracy: NN.N%`;
 the trained model, its processor and a PNG grid of answers are saved in DIR (a new temporary folder by default).
@@ -17,13 +17,20 @@ def run(args: argparse.Namespace) -> int:
     from modeling_saisa.cli._common import require_train_extra
 
     require_train_extra("demo")
-    from modeling_saisa.training.demo import run_demo
+    from dataclasses import replace
 
+    from modeling_saisa.training.demo import QUICK, STANDARD, run_demo
+
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be a positive number of training steps; got {args.steps}")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    run_demo(output_dir=args.output_dir, quick=args.quick, seed=args.seed, visual_policy=args.visual_policy)
+    settings = QUICK if args.quick else STANDARD
+    if args.steps is not None:
+        settings = replace(settings, steps=args.steps)
+    run_demo(output_dir=args.output_dir, settings=settings, seed=args.seed, visual_policy=args.visual_policy)
     return 0
 
 
@@ -42,6 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="A smaller, faster run (for tests; lower accuracy).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for data, initialisation and training order.")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="training steps (default 2000; 500 with --quick); the cosine schedule spans them",
+    )
     parser.add_argument(
         "--visual-policy",
         default=None,
