@@ -103,3 +103,46 @@ def test_flash_attention_2_matches_sdpa_on_gpu():  # pragma: no cover - runs onl
     a = sdpa.generate(input_ids=ids, attention_mask=mask, pixel_values=px.bfloat16(), do_sample=False, **GEN)
     b = flash.generate(input_ids=ids, attention_mask=mask, pixel_values=px.bfloat16(), do_sample=False, **GEN)
     assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ visual policies on a Llava (from_llava)
+def _policy_pair(attn: str, policy_list):
+    from test_policies import tiny_llava
+
+    from modeling_saisa import SaisaForConditionalGeneration
+
+    reference = SaisaForConditionalGeneration.from_llava(tiny_llava("sdpa"), visual_policy=policy_list)
+    llava = tiny_llava(attn)
+    return reference, SaisaForConditionalGeneration.from_llava(llava, visual_policy=policy_list), llava
+
+
+POLICY_LISTS = [["frozen", "dense", "naavit", "composite"], ["dense", "composite_noffn", "frozen", "dense"]]
+
+
+@pytest.mark.parametrize("policy_list", POLICY_LISTS)
+def test_policies_under_the_varlen_backend_equal_sdpa(policy_list):
+    """Packed text rows, `dense` layers' visual queries through SDPA beside them: the same logits and tokens."""
+    sdpa, varlen, _ = _policy_pair(NAME, policy_list)
+    ids, mask, px = make_batch(ROWS, "left")
+    with torch.no_grad():
+        a = sdpa(input_ids=ids, attention_mask=mask, pixel_values=px).logits
+        b = varlen(input_ids=ids, attention_mask=mask, pixel_values=px).logits
+    text_rows = text_positions(ids, mask, IMAGE_TOKEN_ID)
+    assert (a[text_rows] - b[text_rows]).abs().max().item() <= 1e-5
+    kw = dict(do_sample=False, **GEN)
+    assert torch.equal(
+        sdpa.generate(input_ids=ids, attention_mask=mask, pixel_values=px, **kw),
+        varlen.generate(input_ids=ids, attention_mask=mask, pixel_values=px, **kw),
+    )
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and is_flash_attn_2_available()), reason="needs CUDA + flash-attn")
+@pytest.mark.parametrize("policy_list", POLICY_LISTS)
+def test_policies_under_flash_attention_2_match_sdpa_on_gpu(policy_list):  # pragma: no cover - CUDA + flash-attn only
+    sdpa, flash, _ = _policy_pair("flash_attention_2", policy_list)
+    sdpa, flash = sdpa.to("cuda", torch.bfloat16), flash.to("cuda", torch.bfloat16)
+    ids, mask, px = (t.cuda() for t in make_batch(ROWS, "left"))
+    kw = dict(do_sample=False, **GEN)
+    a = sdpa.generate(input_ids=ids, attention_mask=mask, pixel_values=px.bfloat16(), **kw)
+    b = flash.generate(input_ids=ids, attention_mask=mask, pixel_values=px.bfloat16(), **kw)
+    assert torch.equal(a, b)
