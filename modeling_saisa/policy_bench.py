@@ -204,7 +204,7 @@ def run_policy_benchmark(
     policy_model = SaisaForConditionalGeneration.from_llava(llava, visual_policy=policy_list).eval()
     rates: dict[Product, float] = {}
     results: dict[str, Any] = {
-        "visual_policy": spec if isinstance(spec, str) else list(spec),
+        "visual_policy": str(spec) if isinstance(spec, (str, os.PathLike)) else ",".join(spec),
         "policy_list": policy_list,
         "config": asdict(cfg),
         "machine": machine_info(torch.get_num_threads()),

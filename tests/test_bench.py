@@ -151,10 +151,12 @@ def test_policy_bench_cli_tiny_shape(monkeypatch, tmp_path, capsys) -> None:
     tiny = benchmark.BenchConfig(layers=2, **TINY_POLICY_SHAPE)
     monkeypatch.setattr(benchmark, "QUICK", tiny)
     argv = ["bench", "--quick", "--visual-policy", "composite", "--visual-policy", "shortv-llava-1.5-7b"]
+    argv += ["--visual-policy", "frozen,dense,naavit"]
     assert cli_main([*argv, "--batch", "2", "--repeats", "1", "--json", "--out", str(tmp_path)]) == 0
     results = json.loads(capsys.readouterr().out)
-    assert [r["visual_policy"] for r in results] == ["composite", "shortv-llava-1.5-7b"]
-    assert [r["config"]["layers"] for r in results] == [2, 32]  # the preset brings its own depth
+    assert [r["visual_policy"] for r in results] == ["composite", "shortv-llava-1.5-7b", "frozen,dense,naavit"]
+    assert [r["config"]["layers"] for r in results] == [2, 32, 3]  # a preset or a list brings its own depth
+    assert results[2]["policy_list"] == ["frozen", "dense", "naavit"]
     assert policy_bench_config("naavit", tiny).layers == 2
     for result in results:
         assert [case["prompts"] for case in result["cases"].values()] == [1, 2]

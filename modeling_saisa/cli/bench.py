@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 __all__ = ["add_arguments", "register", "run"]
@@ -99,9 +100,14 @@ def run_policies(args: argparse.Namespace) -> int:
     if args.batch < 2:
         raise ValueError(f"--batch must be at least 2 (the batched case); got {args.batch}")
     cfg = QUICK if args.quick else DEFAULT
+    # A comma-separated per-layer list works here as on every other command (its length sets the depth).
+    specs = [
+        [part.strip() for part in spec.split(",")] if "," in spec and not os.path.exists(spec) else spec
+        for spec in args.visual_policy
+    ]
     results = [
         run_policy_benchmark(spec, cfg, batch=args.batch, repeats=args.repeats or 3, threads=args.threads)
-        for spec in args.visual_policy
+        for spec in specs
     ]
     if args.out:
         paths = write_policy_outputs(results, args.out)
