@@ -60,8 +60,10 @@ class WeightSums:
     The sum is the expensive half of a weights digest (a full pass over every weight: about a second per call on
     the benchmark's model on 2 CPU cores); most calls see the same weights. A tensor counts as unchanged while its
     storage (`data_ptr`) and its version counter are the same: torch bumps `Tensor._version` on every in-place
-    write, optimizer steps and `load_state_dict` included (torch 2.x autograd behaviour), and `p.data = ...` moves
-    the storage. The strided samples of `weights_digest` are still taken every call.
+    write to the tensor, optimizer steps and `load_state_dict` included (torch 2.13 behaviour), and `p.data = ...`
+    moves the storage. The exception is a write through `p.data` (`p.data.add_(...)`), which bypasses the counter:
+    the strided samples of `weights_digest`, still taken every call, see any dense update of that kind, but a
+    sparse one off their stride would go unseen; after such an edit call `ImageKVStore.clear()`.
     """
 
     def __init__(self) -> None:

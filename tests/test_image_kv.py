@@ -213,4 +213,8 @@ def test_fingerprint_sums_only_changed_weights(monkeypatch):
     assert summed == [weight.shape] and changed["weights"] != first["weights"]
     with torch.no_grad():
         model.language_model.layers[1].self_attn.v_proj.weight.data = weight.detach().clone()
-    assert image_kv.model_fingerprint(model, sums)["weights"] != changed["weights"]
+    replaced = image_kv.model_fingerprint(model, sums)
+    assert replaced["weights"] != changed["weights"]
+    # A dense write through `.data` bypasses torch's version counter; the strided samples still see it.
+    model.multi_modal_projector[0].linear_1.weight.data.mul_(1.5)
+    assert image_kv.model_fingerprint(model, sums)["weights"] != replaced["weights"]
