@@ -57,7 +57,8 @@ CHAT_INPUT = "what color is it\n"  # typed into `saisa chat`, then end of input
 
 PARSE_ONLY = {
     "saisa demo": "trains for ~80 s; tests/test_training.py::test_saisa_demo_quick runs `saisa demo --quick`",
-    "saisa bench": "a timed benchmark of 1-2 minutes; tests/test_bench.py runs `saisa bench --quick`",
+    "saisa bench": "timed benchmarks of 1-20 minutes; tests/test_bench.py runs `saisa bench --quick` and the "
+    "`--visual-policy` and `--reuse` benchmarks on tiny shapes",
     "python benchmarks/bench.py": "the same benchmark as a script (same argument parser as `saisa bench`)",
     "saisa lc": "40 calibration prefills per layer of a 7B llava-hf model; "
     "tests/test_layer_contribution.py::test_cli_writes_order_preset_and_plot runs `saisa lc` and then `saisa generate "
