@@ -27,6 +27,7 @@ import json
 
 import pytest
 import torch
+from tiny import tiny_llava
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModel, LlavaConfig, LlavaForConditionalGeneration
 
@@ -198,25 +199,9 @@ def test_dense_formula_matches_flop_counter_on_a_plain_decoder(text_kw: dict) ->
     assert F.dense_layer_flops(shape, 7, 16) == F.dense_layer_flops(shape, 23, 0)
 
 
-def _llava(eager: bool = True) -> LlavaForConditionalGeneration:
-    cfg = LlavaConfig(
-        text_config=_text_config(),
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=24,
-            intermediate_size=40,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=8,
-            patch_size=2,
-        ),
-        image_token_id=98,
-        image_seq_length=16,
-    )
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(cfg)
-    model.set_attn_implementation("eager")
-    return model
+def _llava() -> LlavaForConditionalGeneration:
+    # A vision width (24) other than the text width (32): the projector formula cannot confuse d_vision with h.
+    return tiny_llava(layers=3, vision_overrides=dict(hidden_size=24, intermediate_size=40))
 
 
 def _prompt(image_token_id: int = 98, n_v: int = 16) -> torch.Tensor:

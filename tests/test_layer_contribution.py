@@ -7,40 +7,16 @@ import json
 
 import pytest
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from tiny import IMAGE_TOKEN_ID, tiny_llava
+from transformers import LlavaForConditionalGeneration
 
 from modeling_saisa import layer_contribution as LC
 
-IMAGE = 98
+IMAGE = IMAGE_TOKEN_ID
 
 
 def _llava(layers: int = 4) -> LlavaForConditionalGeneration:
-    cfg = LlavaConfig(
-        text_config=dict(
-            model_type="llama",
-            vocab_size=99,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        ),
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=24,
-            intermediate_size=40,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=8,
-            patch_size=2,
-        ),
-        image_token_id=IMAGE,
-        image_seq_length=16,
-    )
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    model.set_attn_implementation("eager")
-    return model
+    return tiny_llava(layers=layers, vision_overrides=dict(hidden_size=24, intermediate_size=40))
 
 
 torch.manual_seed(1)

@@ -7,39 +7,21 @@ import json
 
 import PIL.Image
 import pytest
+import tiny
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from tiny import IMAGE_TOKEN_ID, PAD_TOKEN_ID, make_batch, tiny_config
 
 from modeling_saisa import SaisaForConditionalGeneration
 from modeling_saisa.policies import VISUAL_POLICY_PRESETS, resolve_visual_policy, text_independent
-from tests.tiny import IMAGE_TOKEN_ID, PAD_TOKEN_ID, make_batch, tiny_config
 
 N_LAYERS = 4
 ROWS = [[3, "img", 4], ["img", 2, "img", 3], [5], [2, "img", 6]]
 
 
-def tiny_llava(
-    attn: str = "eager", seed: int = 0, text_type: str = "llama", **text_overrides
-) -> LlavaForConditionalGeneration:
-    saisa = tiny_config(text_type)
-    text = saisa.text_config.to_dict()
-    text["num_hidden_layers"] = N_LAYERS
-    text.pop("layer_types", None)  # recomputed for N_LAYERS (Qwen2) from the overrides
-    text.update(text_overrides)
-    config = LlavaConfig(
-        vision_config=saisa.vision_config.to_dict(),
-        text_config=text,
-        image_token_id=IMAGE_TOKEN_ID,
-        image_seq_length=16,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-    )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.set_attn_implementation(attn)
-    return model.eval()
+def tiny_llava(attn: str = "eager", seed: int = 0, text_type: str = "llama", **text_overrides):
+    return tiny.tiny_llava(N_LAYERS, attn, seed, text_type, **text_overrides)
 
 
 def oracle_logits(llava, policy_list, input_ids, attention_mask, pixel_values, injected_rows=None):

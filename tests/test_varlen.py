@@ -8,7 +8,7 @@ flash-attn needs CUDA; here a pure-torch reference with flash's semantics (botto
 import pytest
 import torch
 from oracle import text_positions
-from tiny import IMAGE_TOKEN_ID, PAD_TOKEN_ID, make_batch, tiny_model
+from tiny import IMAGE_TOKEN_ID, PAD_TOKEN_ID, make_batch, tiny_llava, tiny_model
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 from transformers.utils import is_flash_attn_2_available
@@ -107,12 +107,10 @@ def test_flash_attention_2_matches_sdpa_on_gpu():  # pragma: no cover - runs onl
 
 # ------------------------------------------------------------------ visual policies on a Llava (from_llava)
 def _policy_pair(attn: str, policy_list):
-    from test_policies import tiny_llava
-
     from modeling_saisa import SaisaForConditionalGeneration
 
-    reference = SaisaForConditionalGeneration.from_llava(tiny_llava("sdpa"), visual_policy=policy_list)
-    llava = tiny_llava(attn)
+    reference = SaisaForConditionalGeneration.from_llava(tiny_llava(attn="sdpa"), visual_policy=policy_list)
+    llava = tiny_llava(attn=attn)
     return reference, SaisaForConditionalGeneration.from_llava(llava, visual_policy=policy_list), llava
 
 

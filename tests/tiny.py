@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from modeling_saisa import SaisaConfig, SaisaForConditionalGeneration
 
@@ -66,6 +67,38 @@ def tiny_model(text: str = "llama", vision: str = "clip", seed: int = 0, attn: s
     torch.manual_seed(seed)
     config = tiny_config(text, vision, **overrides)
     model = SaisaForConditionalGeneration(config)
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def tiny_llava(
+    layers: int = 4,
+    attn: str = "eager",
+    seed: int = 0,
+    text_type: str = "llama",
+    vision_overrides: dict | None = None,
+    **text_overrides,
+) -> LlavaForConditionalGeneration:
+    """transformers' own Llava with `tiny_config`'s towers and `layers` decoder layers (eval, `attn` backend).
+
+    `vision_overrides` / `text_overrides` change the sub-configs (e.g. a vision width other than the text width, so
+    that FLOPs formulas cannot confuse the two; a sliding window).
+    """
+    saisa = tiny_config(text_type)
+    text = saisa.text_config.to_dict()
+    text["num_hidden_layers"] = layers
+    text.pop("layer_types", None)  # recomputed for `layers` (Qwen2) from the overrides
+    text.update(text_overrides)
+    config = LlavaConfig(
+        vision_config={**saisa.vision_config.to_dict(), **(vision_overrides or {})},
+        text_config=text,
+        image_token_id=IMAGE_TOKEN_ID,
+        image_seq_length=16,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
     model.set_attn_implementation(attn)
     return model.eval()
 
