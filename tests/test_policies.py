@@ -86,6 +86,12 @@ def text_rows(input_ids, attention_mask):
     return attention_mask.bool() & (input_ids != IMAGE_TOKEN_ID)
 
 
+def assert_text_rows_close(got, expected, input_ids, attention_mask):
+    """The oracle comparison: logits at text rows (the only rows SAISA-family models output) within 1e-5."""
+    rows = text_rows(input_ids, attention_mask)
+    torch.testing.assert_close(got[rows], expected[rows], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_dense_equals_llava(padding_side):
     llava = tiny_llava()
@@ -94,8 +100,7 @@ def test_dense_equals_llava(padding_side):
     with torch.no_grad():
         expected = llava(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
         got = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-    rows = text_rows(ids, mask)
-    torch.testing.assert_close(got[rows], expected[rows], atol=1e-5, rtol=0)
+    assert_text_rows_close(got, expected, ids, mask)
     if padding_side == "left":
         kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=PAD_TOKEN_ID)
         torch.testing.assert_close(
@@ -130,7 +135,7 @@ def test_dense_equals_llava_with_sliding_windows(text_type, attn):
         unwindowed = full(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
     rows = text_rows(ids, mask)
     assert (unwindowed[rows] - expected[rows]).abs().max() > 1e-3
-    torch.testing.assert_close(got[rows], expected[rows], atol=1e-5, rtol=0)
+    assert_text_rows_close(got, expected, ids, mask)
 
 
 MIXED = [
@@ -152,8 +157,7 @@ def test_mixed_policies_equal_oracle(policy_list, attn):
     model.config._attn_implementation_internal = attn
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-    rows = text_rows(ids, mask)
-    torch.testing.assert_close(got[rows], expected[rows], atol=1e-5, rtol=0)
+    assert_text_rows_close(got, expected, ids, mask)
 
 
 def test_shares_parameters():
@@ -203,8 +207,7 @@ def test_injected_mixed_with_carried_policies():
         features = model.model.get_image_features(pixels).pooler_output
         got = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
     expected = oracle_logits(llava, policy_list, ids, mask, pixels, lambda idx: model.model.project(features, idx))
-    rows = text_rows(ids, mask)
-    torch.testing.assert_close(got[rows], expected[rows], atol=1e-5, rtol=0)
+    assert_text_rows_close(got, expected, ids, mask)
 
 
 @pytest.mark.parametrize("policy_list", [MIXED[0], ["composite"] * N_LAYERS])
@@ -321,8 +324,7 @@ def test_drawn_lists_equal_oracle(policy_list, padding_side):
     expected = oracle_logits(llava, policy_list, ids, mask, pixels)
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-    rows = text_rows(ids, mask)
-    torch.testing.assert_close(got[rows], expected[rows], atol=1e-5, rtol=0)
+    assert_text_rows_close(got, expected, ids, mask)
 
 
 def test_llava_processor_drives_pipeline():
