@@ -25,6 +25,7 @@ __all__ = [
     "make_streamer",
     "model_inputs",
     "parse_visual_policy",
+    "visual_policy_spec",
     "require_train_extra",
     "resolve_device",
 ]
@@ -76,17 +77,23 @@ def add_visual_policy_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_visual_policy(spec: str, num_layers: int) -> list[str]:
-    """The per-layer list a `--visual-policy` string asks for (commas split a list; the rest is
-    `modeling_saisa.policies.resolve_visual_policy`'s: a name, a preset or a file)."""
-    from modeling_saisa.policies import resolve_visual_policy
-
+def visual_policy_spec(spec: str) -> str | list[str]:
+    """A `--visual-policy` string as `resolve_visual_policy` takes it: commas split a per-layer list (unless the
+    string names an existing file); a name, a preset or a file stays a string."""
     spec = spec.strip()
     if not spec:
         raise ValueError("--visual-policy is empty; give a policy name, a comma-separated list, a preset or a file.")
     if "," in spec and not os.path.exists(spec):
-        return resolve_visual_policy([part.strip() for part in spec.split(",")], num_layers)
-    return resolve_visual_policy(spec, num_layers)
+        return [part.strip() for part in spec.split(",")]
+    return spec
+
+
+def parse_visual_policy(spec: str, num_layers: int) -> list[str]:
+    """The per-layer list a `--visual-policy` string asks for (`visual_policy_spec`, then
+    `modeling_saisa.policies.resolve_visual_policy`)."""
+    from modeling_saisa.policies import resolve_visual_policy
+
+    return resolve_visual_policy(visual_policy_spec(spec), num_layers)
 
 
 def _is_llava_hf(model: str) -> bool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 __all__ = ["add_arguments", "register", "run"]
@@ -95,19 +94,18 @@ def run_reuse(args: argparse.Namespace) -> int:
 def run_policies(args: argparse.Namespace) -> int:
     """`saisa bench --visual-policy SPEC ...`: each policy on a Llava against that Llava (modeling_saisa.policy_bench)."""
     from modeling_saisa.benchmark import DEFAULT, QUICK
+    from modeling_saisa.cli._common import visual_policy_spec
     from modeling_saisa.policy_bench import format_policy_table, run_policy_benchmark, write_policy_outputs
 
     if args.batch < 2:
         raise ValueError(f"--batch must be at least 2 (the batched case); got {args.batch}")
     cfg = QUICK if args.quick else DEFAULT
     # A comma-separated per-layer list works here as on every other command (its length sets the depth).
-    specs = [
-        [part.strip() for part in spec.split(",")] if "," in spec and not os.path.exists(spec) else spec
-        for spec in args.visual_policy
-    ]
     results = [
-        run_policy_benchmark(spec, cfg, batch=args.batch, repeats=args.repeats or 3, threads=args.threads)
-        for spec in specs
+        run_policy_benchmark(
+            visual_policy_spec(spec), cfg, batch=args.batch, repeats=args.repeats or 3, threads=args.threads
+        )
+        for spec in args.visual_policy
     ]
     if args.out:
         paths = write_policy_outputs(results, args.out)
