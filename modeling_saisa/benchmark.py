@@ -63,9 +63,14 @@ __all__ = [
     "machine_info",
     "matmul_seconds",
     "plot_ratios",
+    "precomputed_vision",
     "quiet_native_stderr",
+    "recorded_tower_output",
+    "replayed_tower",
     "run_benchmark",
     "sub_configs",
+    "write_outputs",
+    "write_results",
 ]
 
 # Targets of the benchmark issue: measured SAISA/LLaVA ratio against a limit (a factor of the analytic ratio of the
@@ -232,21 +237,37 @@ def build_models(cfg: BenchConfig, seed: int = 0) -> tuple[nn.Module, nn.Module,
     return llava, saisa, bench_inputs(cfg, 1, seed)
 
 
-@contextlib.contextmanager
-def _precomputed_vision(model: nn.Module, pixel_values: torch.Tensor) -> Iterator[None]:
-    """Replace the vision tower's forward by its recorded output for `pixel_values` (the "LLM part" timings)."""
+def recorded_tower_output(model: nn.Module, pixel_values: torch.Tensor) -> Any:
+    """The vision tower's output for `pixel_values`, recorded from one forward of `model` (one image per row)."""
     tower = model.model.vision_tower
     recorded: list[Any] = []
     hook = tower.register_forward_hook(lambda _m, _a, out: recorded.append(out))
-    ids = torch.tensor([[1] + [model.config.image_token_id] * model.config.image_seq_length + [5]])
-    with torch.no_grad():
-        model(input_ids=ids, pixel_values=pixel_values, use_cache=False, logits_to_keep=1)
-    hook.remove()
-    tower.forward = lambda *args, **kwargs: recorded[0]
+    row = [1] + [model.config.image_token_id] * model.config.image_seq_length + [5]
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([row] * len(pixel_values)), pixel_values=pixel_values, use_cache=False,
+                  logits_to_keep=1)  # fmt: skip
+    finally:
+        hook.remove()
+    return recorded[0]
+
+
+@contextlib.contextmanager
+def replayed_tower(model: nn.Module, output: Any) -> Iterator[None]:
+    """Within the block, the vision tower's forward returns `output` (see `recorded_tower_output`)."""
+    tower = model.model.vision_tower
+    tower.forward = lambda *args, **kwargs: output
     try:
         yield
     finally:
         del tower.forward  # back to the class's forward
+
+
+@contextlib.contextmanager
+def precomputed_vision(model: nn.Module, pixel_values: torch.Tensor) -> Iterator[None]:
+    """Replace the vision tower's forward by its recorded output for `pixel_values` (the "LLM part" timings)."""
+    with replayed_tower(model, recorded_tower_output(model, pixel_values)):
+        yield
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -449,7 +470,7 @@ def run_benchmark(
     times["prefill"] = interleaved({n: prefill(m) for n, m in models.items()}, cfg.repeats)
 
     log("prefill, LLM part (vision tower output precomputed)")
-    with _precomputed_vision(llava, prompt["pixel_values"]), _precomputed_vision(saisa, prompt["pixel_values"]):
+    with precomputed_vision(llava, prompt["pixel_values"]), precomputed_vision(saisa, prompt["pixel_values"]):
         times["prefill_llm"] = interleaved({n: prefill(m) for n, m in models.items()}, cfg.repeats)
 
     log("decode per token at the same cache length")
@@ -499,7 +520,7 @@ def run_benchmark(
         "with_cache": {n: peak_allocated_bytes(prefill(m)) for n, m in models.items()},
         "no_cache": {n: peak_allocated_bytes(prefill(m, use_cache=False)) for n, m in models.items()},
     }
-    with _precomputed_vision(llava, prompt["pixel_values"]), _precomputed_vision(saisa, prompt["pixel_values"]):
+    with precomputed_vision(llava, prompt["pixel_values"]), precomputed_vision(saisa, prompt["pixel_values"]):
         memory["llm_with_cache"] = {n: peak_allocated_bytes(prefill(m)) for n, m in models.items()}
         memory["llm_no_cache"] = {n: peak_allocated_bytes(prefill(m, use_cache=False)) for n, m in models.items()}
     kv_shape = (2 * cfg.layers, seq, cfg.kv_heads * (cfg.hidden // cfg.heads))
@@ -637,10 +658,27 @@ def plot_ratios(results: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(results: dict[str, Any], out_dir: str) -> dict[str, str]:
+def write_results(
+    results: Any, out_dir: str, json_name: str, png_name: str, plot: Callable[[Any, str], None]
+) -> dict[str, str]:
+    """`results` as JSON and `plot(results, path)` as PNG in `out_dir`, each written whole under a temporary name and
+    then renamed, so an interrupted run leaves the previous files, never half-written ones."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, "bench_results.json"), "png": os.path.join(out_dir, "bench_ratios.png")}
-    with open(paths["json"], "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2, default=float)
-    plot_ratios(results, paths["png"])
+    paths = {"json": os.path.join(out_dir, json_name), "png": os.path.join(out_dir, png_name)}
+    staged = {"json": paths["json"] + ".tmp", "png": paths["png"] + ".tmp.png"}
+    try:
+        with open(staged["json"], "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2, default=float)
+        plot(results, staged["png"])
+        for kind in paths:
+            os.replace(staged[kind], paths[kind])
+    finally:
+        for path in staged.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
     return paths
+
+
+def write_outputs(results: dict[str, Any], out_dir: str) -> dict[str, str]:
+    """`bench_results.json` and `bench_ratios.png` in `out_dir`."""
+    return write_results(results, out_dir, "bench_results.json", "bench_ratios.png", plot_ratios)

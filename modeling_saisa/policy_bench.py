@@ -44,6 +44,9 @@ from modeling_saisa.benchmark import (
     interleaved,
     machine_info,
     matmul_seconds,
+    recorded_tower_output,
+    replayed_tower,
+    write_results,
 )
 from modeling_saisa.policies import VISUAL_POLICY_PRESETS, resolve_visual_policy
 
@@ -154,28 +157,17 @@ def _analytic(cfg: BenchConfig, policy_list: list[str]) -> dict[str, float]:
     return {"llava_flops": llava_part, "policy_flops": policy_part, "ratio": policy_part / llava_part}
 
 
-def _replayed_tower(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], None]:
+def _llm_part_prefill(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], None]:
     """One LLM-part prefill of `model` on `inputs`, the vision tower replaced by its output recorded here.
 
     The tower is shared by the Llava and the policy model (`from_llava`), so the replacement is installed for the
     duration of each call only.
     """
-    tower = model.model.vision_tower
-    recorded: list[Any] = []
-    hook = tower.register_forward_hook(lambda _module, _args, output: recorded.append(output))
-    try:
-        with torch.inference_mode():
-            model(**inputs, use_cache=False, logits_to_keep=1)
-    finally:
-        hook.remove()
+    output = recorded_tower_output(model, inputs["pixel_values"])
 
     def run() -> None:
-        tower.forward = lambda *args, **kwargs: recorded[0]
-        try:
-            with torch.inference_mode():
-                model(**inputs, use_cache=True, logits_to_keep=1)
-        finally:
-            del tower.forward  # back to the class's forward
+        with replayed_tower(model, output), torch.inference_mode():
+            model(**inputs, use_cache=True, logits_to_keep=1)
 
     return run
 
@@ -217,7 +209,7 @@ def run_policy_benchmark(
         inputs.pop("labels")
         log(f"{name}: prefill, LLM part ({repeats} repeats, A/B interleaved)")
         times = interleaved(
-            {"llava": _replayed_tower(llava, inputs), "policy": _replayed_tower(policy_model, inputs)}, repeats
+            {"llava": _llm_part_prefill(llava, inputs), "policy": _llm_part_prefill(policy_model, inputs)}, repeats
         )
         log(f"{name}: plain-matmul reference")
         matmul_only = {
@@ -303,16 +295,7 @@ def plot_policy_ratios(all_results: list[dict[str, Any]], path: str) -> None:
 
 
 def write_policy_outputs(all_results: list[dict[str, Any]], out_dir: str) -> dict[str, str]:
-    """`policy_bench_results.json` and `policy_bench_ratios.png` in `out_dir` (each written whole, then renamed)."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {
-        "json": os.path.join(out_dir, "policy_bench_results.json"),
-        "png": os.path.join(out_dir, "policy_bench_ratios.png"),
-    }
-    staged_json, staged_png = paths["json"] + ".tmp", paths["png"] + ".tmp.png"
-    with open(staged_json, "w", encoding="utf-8") as handle:
-        json.dump(all_results, handle, indent=2, default=float)
-    plot_policy_ratios(all_results, staged_png)
-    os.replace(staged_json, paths["json"])
-    os.replace(staged_png, paths["png"])
-    return paths
+    """`policy_bench_results.json` and `policy_bench_ratios.png` in `out_dir`."""
+    return write_results(
+        all_results, out_dir, "policy_bench_results.json", "policy_bench_ratios.png", plot_policy_ratios
+    )

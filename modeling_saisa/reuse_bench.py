@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
-import os
 import statistics
 import sys
 import time
@@ -24,7 +22,7 @@ from typing import Any
 import torch
 
 from modeling_saisa import flops as F
-from modeling_saisa.benchmark import BenchConfig, build_models, machine_info
+from modeling_saisa.benchmark import BenchConfig, build_models, machine_info, write_results
 from modeling_saisa.image_kv import ImageKVStore
 
 __all__ = [
@@ -266,15 +264,6 @@ def plot_reuse(results: dict[str, Any], path: str) -> None:
 
 
 def write_reuse_outputs(results: dict[str, Any], out_dir: str) -> dict[str, str]:
-    """`reuse_bench_results.json` and `reuse_bench_speedups.png` in `out_dir` (each written whole, then renamed)."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {
-        "json": os.path.join(out_dir, "reuse_bench_results.json"),
-        "png": os.path.join(out_dir, "reuse_bench_speedups.png"),
-    }
-    with open(paths["json"] + ".tmp", "w", encoding="utf-8") as handle:
-        json.dump({**results, "targets": reuse_targets(results)}, handle, indent=2, default=float)
-    plot_reuse(results, paths["png"] + ".tmp.png")
-    os.replace(paths["json"] + ".tmp", paths["json"])
-    os.replace(paths["png"] + ".tmp.png", paths["png"])
-    return paths
+    """`reuse_bench_results.json` (with the targets) and `reuse_bench_speedups.png` in `out_dir`."""
+    results = {**results, "targets": reuse_targets(results)}
+    return write_results(results, out_dir, "reuse_bench_results.json", "reuse_bench_speedups.png", plot_reuse)

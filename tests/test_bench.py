@@ -170,3 +170,24 @@ def test_policy_bench_cli_tiny_shape(monkeypatch, tmp_path, capsys) -> None:
     assert not list(tmp_path.glob("*.tmp*"))
     assert cli_main(["bench", "--visual-policy", "composite", "--batch", "1"]) != 0
     assert "--batch must be at least 2 (the batched case); got 1" in capsys.readouterr().err
+
+
+def test_results_are_written_whole_or_not_at_all(tmp_path) -> None:
+    """A plot that fails leaves the previous results in place and no temporary files behind."""
+    from modeling_saisa.benchmark import write_results
+
+    def plot(results, path):
+        open(path, "wb").write(b"\x89PNG")
+
+    paths = write_results({"ratio": 0.5}, str(tmp_path), "r.json", "r.png", plot)
+    assert json.loads(open(paths["json"]).read()) == {"ratio": 0.5}
+
+    def broken(results, path):
+        open(path, "wb").write(b"half")
+        raise RuntimeError("plot failed")
+
+    with pytest.raises(RuntimeError, match="plot failed"):
+        write_results({"ratio": 0.7}, str(tmp_path), "r.json", "r.png", broken)
+    assert json.loads(open(paths["json"]).read()) == {"ratio": 0.5}
+    assert open(paths["png"], "rb").read() == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.png"]
