@@ -44,18 +44,19 @@ class BackboneSpec:
         attn = layer.self_attn
         return attn.q_proj, (attn.q_norm if self.has_k_norm else None)
 
-    def sliding_window(self, text_config, layer_idx: int) -> int | None:
-        """Layer `layer_idx`'s attention window, None for full attention.
+    def layer_type(self, text_config, layer_idx: int) -> str | None:
+        """`config.layer_types[layer_idx]` where the backbone keys its masks by layer type, else None (one mask)."""
+        return text_config.layer_types[layer_idx] if self.mask_by_layer_type else None
 
-        Mistral: `sliding_window` applies to every layer (None: full). Qwen2/Qwen3: only the layers that
-        `config.layer_types` marks `sliding_attention` (the transformers 5.x config fields these backbones read).
+    def sliding_window(self, text_config, layer_type: str | None = None) -> int | None:
+        """The attention window of layers of `layer_type` (see `layer_type`), None for full attention.
+
+        Mistral: `sliding_window` applies to every layer (None: full). Qwen2/Qwen3: only to `sliding_attention`
+        layers (the transformers 5.x config fields these backbones read). Text and visual queries share this rule.
         """
-        window = getattr(text_config, "sliding_window", None)
-        if window is None:
+        if self.mask_by_layer_type and layer_type != "sliding_attention":
             return None
-        if self.mask_by_layer_type:
-            return window if text_config.layer_types[layer_idx] == "sliding_attention" else None
-        return window
+        return getattr(text_config, "sliding_window", None)
 
 
 _BACKBONES: dict[str, BackboneSpec] = {

@@ -414,12 +414,12 @@ class SaisaModel(SaisaPreTrainedModel):
     def _query_masks(self, layout: TokenLayout, implementation: str, kv_length: int, dtype: torch.dtype):
         """The prepared attention mask(s) for the query slots, for the backbone's attention backend."""
         text_config = self.config.text_config
-        window = getattr(text_config, "sliding_window", None)
-        if not self._backbone.mask_by_layer_type:
-            return layout.attention_mask(implementation, kv_length, dtype, sliding_window=window)
+        spec = self._backbone
+        if not spec.mask_by_layer_type:
+            return layout.attention_mask(implementation, kv_length, dtype, spec.sliding_window(text_config))
         return {
             layer_type: layout.attention_mask(
-                implementation, kv_length, dtype, sliding_window=window if layer_type == "sliding_attention" else None
+                implementation, kv_length, dtype, spec.sliding_window(text_config, layer_type)
             )
             for layer_type in set(text_config.layer_types)
         }

@@ -132,7 +132,7 @@ class VisualState:
 
         def attend() -> torch.Tensor:
             text_config = self.model.config.text_config
-            window = self.spec.sliding_window(text_config, layer_idx)
+            window = self.spec.sliding_window(text_config, self.spec.layer_type(text_config, layer_idx))
             return attend_visual(layer, self.layout, queries, keys, values, text_config, sliding_window=window)
 
         last = layer_idx == len(self.layers) - 1
