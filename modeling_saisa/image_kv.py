@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from modeling_saisa.backbones import rotate_keys
+from modeling_saisa.backbones import rotated_keys
 from modeling_saisa.layout import TokenLayout
 from modeling_saisa.policies import resolve_visual_policy, text_independent
 from modeling_saisa.visual_kv import VisualState
@@ -171,13 +171,17 @@ class StoredVisualKV:
         # keys/values: one `[n_layers, n_v, H, D]` per image of the chunk, in the layout's image order.
         self.keys, self.values = keys, values
         probe = keys[0].new_empty(1)
-        self.cos, self.sin = model.language_model.rotary_emb(probe, position_ids=layout.visual_positions)
+        cos, sin = model.language_model.rotary_emb(probe, position_ids=layout.visual_positions)
+        self.cos, self.sin = cos.to(keys[0].dtype), sin.to(keys[0].dtype)  # [n_images, n_v, D]
 
     def key_values(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = torch.stack([k[layer_idx] for k in self.keys])  # a copy: rotation is in place
-        values = torch.stack([v[layer_idx] for v in self.values])
-        keys = rotate_keys(keys, self.cos.to(keys.dtype), self.sin.to(keys.dtype))
-        return keys.flatten(0, 1), values.flatten(0, 1)
+        # Rotated out of place, image by image: the store's entries stay unrotated, and one image (the usual
+        # prompt) costs no stacking copy at all; `layout.merge` copies these into sequence order next.
+        keys = [rotated_keys(k[layer_idx], cos, sin) for k, cos, sin in zip(self.keys, self.cos, self.sin)]
+        values = [v[layer_idx] for v in self.values]
+        if len(keys) == 1:
+            return keys[0], values[0]
+        return torch.cat(keys), torch.cat(values)
 
     def after_merge(self, layer_idx: int, keys: torch.Tensor | None, values: torch.Tensor | None) -> None:
         """Nothing to carry: every layer's visual K/V are stored."""
@@ -294,18 +298,24 @@ class ImageKVStore:
         at_zero = _ZeroPositions(torch.zeros(features.shape[:2], dtype=torch.long, device=features.device))
         state = VisualState(model, features, at_zero, visual_policy_list(model))
         del features
-        per_layer = []
+        entries: list[tuple[torch.Tensor, torch.Tensor]] = []
         for layer_idx in range(n_layers):
             keys, values = state.key_values(layer_idx)
             state.after_merge(layer_idx, None, None)
-            per_layer.append((keys.unflatten(0, (len(missing), -1)), values.unflatten(0, (len(missing), -1))))
+            keys, values = keys.unflatten(0, (len(missing), -1)), values.unflatten(0, (len(missing), -1))
+            if not entries:  # one entry per image, in its own storage at its exact size, filled layer by layer
+                entries = [
+                    (keys.new_empty(n_layers, *keys.shape[1:]), values.new_empty(n_layers, *values.shape[1:]))
+                    for _ in missing
+                ]
+            for (stored_keys, stored_values), image_keys, image_values in zip(entries, keys, values):
+                stored_keys[layer_idx].copy_(image_keys)
+                stored_values[layer_idx].copy_(image_values)
+            del keys, values
         del state
-        keys = torch.stack([k for k, _ in per_layer], dim=1)  # [n_missing, n_layers, n_v, H, D]
-        values = torch.stack([v for _, v in per_layer], dim=1)
-        computed = {}
-        for position, digest in enumerate(missing):
-            computed[digest] = (keys[position].clone(), values[position].clone())  # own storage: exact bytes
-            self.put(digest, *computed[digest])
+        computed = dict(zip(missing, entries))
+        for digest, (keys, values) in computed.items():
+            self.put(digest, keys, values)
         return computed
 
     def save(self, directory: str | os.PathLike) -> None:

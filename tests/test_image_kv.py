@@ -5,6 +5,7 @@ import torch
 from tiny import IMAGE_TOKEN_ID, PAD_TOKEN_ID, make_batch, tiny_model
 
 from modeling_saisa import ImageKVStore
+from modeling_saisa.backbones import rotate_keys, rotated_keys
 from modeling_saisa.image_kv import image_digest
 
 GEN = dict(max_new_tokens=5, suppress_tokens=[IMAGE_TOKEN_ID], pad_token_id=PAD_TOKEN_ID, eos_token_id=None)
@@ -55,6 +56,19 @@ def test_image_digest_is_content_shape_and_dtype():
     changed = image.clone()
     changed[0, 0, 0] += 1
     assert image_digest(image) != image_digest(changed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stored_keys_rotate_exactly_as_fresh_ones_and_stay_unrotated(dtype):
+    """`rotated_keys` (a hit's out-of-place RoPE) gives `rotate_keys`' (the fresh path's in-place RoPE) bits."""
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(7, 3, 16, generator=gen).to(dtype)  # [n_v, H, D]
+    angles = torch.randn(7, 8, generator=gen) * 30
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    stored = keys.clone()
+    rotated = rotated_keys(stored, cos, sin)
+    assert torch.equal(stored, keys)  # the entry is untouched
+    assert torch.equal(rotated, rotate_keys(keys.clone()[None], cos[None], sin[None])[0])
 
 
 # ------------------------------------------------------------------ equality with the fresh computation
