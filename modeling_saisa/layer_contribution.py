@@ -117,6 +117,7 @@ def layer_contributions(
         rows = torch.arange(mask.shape[0], device=mask.device)
         is_visual = batch["input_ids"] == image_token_id
         inputs: list[torch.Tensor] = []
+        final: list[torch.Tensor] = []
         handles = [
             layer.register_forward_pre_hook(
                 lambda _m, args, kwargs, sink=inputs: sink.append(args[0] if args else kwargs["hidden_states"]),
@@ -124,12 +125,16 @@ def layer_contributions(
             )
             for layer in layers
         ]
+        handles.append(lm.register_forward_hook(lambda _m, _args, out, sink=final: sink.append(out.last_hidden_state)))
         try:
-            clean = model(**batch, use_cache=False)
+            model(**batch, use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
-        z_orig = clean.logits[rows, last]
+        # The LM head on the same [B, h] rows as every z_i below: a product of another shape (the clean forward's
+        # logits over all [B*S] rows) may round differently (seen with MKL on an AVX2-only AMD CPU), and a layer
+        # that changes nothing must score exactly 0.
+        z_orig = model.lm_head(final[0][rows, last])
         for i, layer in enumerate(layers):
             with _only_layers_from(lm, i), _frozen_visual_rows(layer, is_visual):
                 hidden = lm(
