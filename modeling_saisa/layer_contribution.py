@@ -117,7 +117,6 @@ def layer_contributions(
         rows = torch.arange(mask.shape[0], device=mask.device)
         is_visual = batch["input_ids"] == image_token_id
         inputs: list[torch.Tensor] = []
-        final: list[torch.Tensor] = []
         handles = [
             layer.register_forward_pre_hook(
                 lambda _m, args, kwargs, sink=inputs: sink.append(args[0] if args else kwargs["hidden_states"]),
@@ -125,16 +124,15 @@ def layer_contributions(
             )
             for layer in layers
         ]
-        handles.append(lm.register_forward_hook(lambda _m, _args, out, sink=final: sink.append(out.last_hidden_state)))
         try:
-            model(**batch, use_cache=False)
+            # The base model (no LM head): z_orig comes from the head on the same [B, h] rows as every z_i below; a
+            # product of another shape (logits over all [B*S] rows) may round differently (seen with MKL on an
+            # AVX2-only AMD CPU), and a layer that changes nothing must score exactly 0.
+            final = model.model(**batch, use_cache=False).last_hidden_state
         finally:
             for handle in handles:
                 handle.remove()
-        # The LM head on the same [B, h] rows as every z_i below: a product of another shape (the clean forward's
-        # logits over all [B*S] rows) may round differently (seen with MKL on an AVX2-only AMD CPU), and a layer
-        # that changes nothing must score exactly 0.
-        z_orig = model.lm_head(final[0][rows, last])
+        z_orig = model.lm_head(final[rows, last])
         for i, layer in enumerate(layers):
             with _only_layers_from(lm, i), _frozen_visual_rows(layer, is_visual):
                 hidden = lm(
