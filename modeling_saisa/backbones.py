@@ -102,18 +102,21 @@ def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_d
     return keys.mul_(cos.unsqueeze(head_dim)).add_(rotated)
 
 
-def rotated_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int = 1) -> torch.Tensor:
+def rotated_keys(
+    keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int = 1, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """RoPE on stored keys, out of place: `rotate_keys`' result, bit for bit, without touching `keys`.
 
     For the keys an `ImageKVStore` keeps (`[n_v, H, D]`, cos/sin `[n_v, D]`), which must stay unrotated: the halves
     are combined directly, so there is no copy of `keys` and no `roll` temporary (`rotate_keys` needs both).
     Each half is `a*c - b*s` / `a*c + b*s` as separate multiplies and an add, the operations `rotate_keys` runs
     (`-(b*s)` added equals `b*s` subtracted exactly), so a stored image's keys equal freshly computed ones.
+    `out`: where to write (a slice of a larger buffer, so several images need no concatenation afterwards).
     """
     half = keys.shape[-1] // 2
     cos, sin = cos.unsqueeze(head_dim), sin.unsqueeze(head_dim)
     x1, x2 = keys[..., :half], keys[..., half:]
-    out = torch.empty_like(keys)
+    out = torch.empty_like(keys) if out is None else out
     torch.mul(x1, cos[..., :half], out=out[..., :half]).sub_(x2 * sin[..., :half])
     torch.mul(x2, cos[..., half:], out=out[..., half:]).add_(x1 * sin[..., half:])
     return out

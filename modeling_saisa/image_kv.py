@@ -175,13 +175,14 @@ class StoredVisualKV:
         self.cos, self.sin = cos.to(keys[0].dtype), sin.to(keys[0].dtype)  # [n_images, n_v, D]
 
     def key_values(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # Rotated out of place, image by image: the store's entries stay unrotated, and one image (the usual
-        # prompt) costs no stacking copy at all; `layout.merge` copies these into sequence order next.
-        keys = [rotated_keys(k[layer_idx], cos, sin) for k, cos, sin in zip(self.keys, self.cos, self.sin)]
-        values = [v[layer_idx] for v in self.values]
-        if len(keys) == 1:
-            return keys[0], values[0]
-        return torch.cat(keys), torch.cat(values)
+        # Rotated out of place, image by image, into one buffer: the store's entries stay unrotated, and one image
+        # (the usual prompt) costs no stacking copy at all; `layout.merge` copies these into sequence order next.
+        if len(self.keys) == 1:
+            return rotated_keys(self.keys[0][layer_idx], self.cos[0], self.sin[0]), self.values[0][layer_idx]
+        keys = self.keys[0].new_empty(len(self.keys), *self.keys[0].shape[1:])
+        for out, image_keys, cos, sin in zip(keys, self.keys, self.cos, self.sin):
+            rotated_keys(image_keys[layer_idx], cos, sin, out=out)
+        return keys.flatten(0, 1), torch.cat([v[layer_idx] for v in self.values])
 
     def after_merge(self, layer_idx: int, keys: torch.Tensor | None, values: torch.Tensor | None) -> None:
         """Nothing to carry: every layer's visual K/V are stored."""
