@@ -217,14 +217,20 @@ def test_fingerprint_sums_only_changed_weights(monkeypatch):
     assert first == image_kv.model_fingerprint(model)  # the cache changes nothing in the result
     summed = []
     real_sum = torch.Tensor.sum
-    monkeypatch.setattr(torch.Tensor, "sum", lambda self, *a, **k: summed.append(self.shape) or real_sum(self, *a, **k))
+
+    def recording_sum(self, *args, **kwargs):
+        if kwargs.get("dtype") == torch.float64:  # a weight's (chunked) float64 sum
+            summed.append(self.numel())
+        return real_sum(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "sum", recording_sum)
     assert image_kv.model_fingerprint(model, sums) == first
     assert summed == []
     weight = model.language_model.layers[1].self_attn.k_proj.weight
     with torch.no_grad():
         weight[1, 3] += 0.5  # row 1 is not on the 64-sample stride of this weight
     changed = image_kv.model_fingerprint(model, sums)
-    assert summed == [weight.shape] and changed["weights"] != first["weights"]
+    assert sum(summed) == weight.numel() and changed["weights"] != first["weights"]  # that weight only
     with torch.no_grad():
         model.language_model.layers[1].self_attn.v_proj.weight.data = weight.detach().clone()
     replaced = image_kv.model_fingerprint(model, sums)
@@ -232,3 +238,25 @@ def test_fingerprint_sums_only_changed_weights(monkeypatch):
     # A dense write through `.data` bypasses torch's version counter; the strided samples still see it.
     model.multi_modal_projector[0].linear_1.weight.data.mul_(1.5)
     assert image_kv.model_fingerprint(model, sums)["weights"] != replaced["weights"]
+
+
+def test_weights_digest_is_the_per_parameter_digest():
+    """Gathering all samples in one `cat` and summing in float64 chunks changes no digest: the same bytes as sampling,
+    summing and hashing one parameter at a time, also when parameters have different dtypes (widening is exact)."""
+    import hashlib
+
+    from modeling_saisa import image_kv
+
+    model = tiny_model(attn="sdpa").model
+    model.multi_modal_projector.to(torch.bfloat16)
+    model.language_model.layers[0].to(torch.float64)
+    named = image_kv.fingerprint_parameters(model)
+    assert len({p.dtype for _, p in named}) == 3
+    reference = hashlib.sha256()
+    for name, tensor in named:
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 64)
+        sample = torch.cat([flat[::step], tensor.detach().sum(dtype=torch.float64).reshape(1).to(flat.dtype)])
+        reference.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        reference.update(sample.float().numpy().tobytes())
+    assert image_kv.weights_digest(named) == reference.hexdigest()
