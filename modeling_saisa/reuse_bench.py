@@ -6,7 +6,8 @@ image (it covers the image only when the image comes before the question), (c) S
 fresh `ImageKVStore` per pass (the first question about each image fills it). Two prompt layouts: image first, and
 question first (the prefix cache then covers only the text before the question). Prefill is timed as
 `generate(max_new_tokens=1)` over the whole workload (prefix building and store filling included); end to end as
-`generate(max_new_tokens=decode_steps)`. Both models share weights and shapes (`benchmark.build_models`).
+`generate(max_new_tokens=decode_steps)`. Both models share weights and shapes (`benchmark.build_models`). The
+eight passes (4 methods x 2 phases) of a repeat run interleaved, prompt by prompt, so machine noise hits them alike.
 """
 
 from __future__ import annotations
@@ -67,32 +68,43 @@ def _common_prefix(rows: list[torch.Tensor]) -> int:
     return length
 
 
-def _run(method: str, llava, saisa, prompts, pixel_values, image_id: int, new_tokens: int) -> dict[str, int] | None:
-    """Answer every prompt one at a time with `method`; returns the store's stats for `saisa_store`."""
-    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    store = ImageKVStore(max_bytes=1 << 40) if method == "saisa_store" else None
-    prefixes: dict[int, tuple[int, Any]] = {}
-    if method == "llava_prefix_reuse":
-        for image in sorted({i for i, _ in prompts}):
-            ids = [p for i, p in prompts if i == image]
-            length = _common_prefix(ids)
-            prefix = ids[0][:, :length]
-            has_image = bool((prefix == image_id).any())
-            extra = dict(pixel_values=pixel_values[image : image + 1]) if has_image else {}
-            prefixes[image] = (length, llava(input_ids=prefix, use_cache=True, **extra).cache)
-    for image, ids in prompts:
-        px = pixel_values[image : image + 1]
+class _Pass:
+    """One method's answers to the workload in one phase, one prompt at a time, with the state it keeps between
+    prompts (a store, or the prefix caches of the images); `seconds` sums its timed work."""
+
+    def __init__(self, method: str, phase: str, new_tokens: int, models, prompts, pixel_values, image_id: int):
+        self.method, self.phase, self.new_tokens = method, phase, new_tokens
+        self.llava, self.saisa = models
+        self.pixel_values, self.image_id = pixel_values, image_id
+        self.store = ImageKVStore(max_bytes=1 << 40) if method == "saisa_store" else None
+        # Each image's cached prefix: what all its prompts share (one token is always left to run).
+        self.prefix_length = {
+            image: _common_prefix([ids for i, ids in prompts if i == image]) for image in {i for i, _ in prompts}
+        }
+        self.prefixes: dict[int, Any] = {}
+        self.seconds = 0.0
+
+    def answer(self, image: int, ids: torch.Tensor) -> None:
+        """Answer one prompt; the first one about an image also builds that image's prefix cache (timed with it)."""
+        gen = dict(max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens, do_sample=False, pad_token_id=0)
+        px = self.pixel_values[image : image + 1]
         mask = torch.ones_like(ids)
-        if method == "llava_generate":
-            llava.generate(input_ids=ids, attention_mask=mask, pixel_values=px, **gen)
-        elif method == "llava_prefix_reuse":
-            length, cache = prefixes[image]
-            # The image's pixels are needed only if the cached prefix stops before the image.
-            extra = {} if bool((ids[:, :length] == image_id).any()) else dict(pixel_values=px)
-            llava.generate(input_ids=ids, attention_mask=mask, cache=copy.deepcopy(cache), **extra, **gen)
+        start = time.perf_counter()
+        if self.method == "llava_generate":
+            self.llava.generate(input_ids=ids, attention_mask=mask, pixel_values=px, **gen)
+        elif self.method == "llava_prefix_reuse":
+            length = self.prefix_length[image]
+            # The image's pixels are needed where the prefix includes the image, or the rest of the prompt does.
+            covered = bool((ids[:, :length] == self.image_id).any())
+            if image not in self.prefixes:
+                extra = dict(pixel_values=px) if covered else {}
+                self.prefixes[image] = self.llava(input_ids=ids[:, :length], use_cache=True, **extra).cache
+            extra = {} if covered else dict(pixel_values=px)
+            cache = copy.deepcopy(self.prefixes[image])
+            self.llava.generate(input_ids=ids, attention_mask=mask, cache=cache, **extra, **gen)
         else:
-            saisa.generate(input_ids=ids, attention_mask=mask, pixel_values=px, image_kv=store, **gen)
-    return store.stats() if store is not None else None
+            self.saisa.generate(input_ids=ids, attention_mask=mask, pixel_values=px, image_kv=self.store, **gen)
+        self.seconds += time.perf_counter() - start
 
 
 def _analytic(cfg: BenchConfig, config: Any, question_tokens: int, questions: int) -> dict[str, dict[str, float]]:
@@ -128,8 +140,10 @@ def run_reuse_benchmark(
 ) -> dict[str, Any]:
     """Measure the four methods in both layouts; throughput = prompt tokens (visual included) / seconds.
 
-    Each repeat runs every (method, phase) once, the methods' order reversed every other repeat, so that a burst of
-    load from elsewhere spreads over all of them; a time is the median over repeats (the minimum is kept too).
+    Each repeat is one pass of every (method, phase) over the workload, run interleaved: each prompt is answered by
+    all eight passes in turn, the first of them rotating from prompt to prompt, so that a slow minute of the machine
+    (load from elsewhere) falls on every method alike instead of on whichever pass was running. A time is a pass's
+    sum; the table takes the median over repeats (the minimum is kept too).
     """
     log = (lambda message: print(f"[saisa bench --reuse] {message}", file=sys.stderr, flush=True)) if progress else None
     llava, saisa = build_models(cfg, seed)[:2]
@@ -149,17 +163,27 @@ def run_reuse_benchmark(
             tokens = sum(ids.shape[1] for _, ids in prompts)
             times: dict[tuple[str, str], list[float]] = {(m, p): [] for m in METHODS for p, _ in phases}
             stats: dict[str, Any] = {}
-            for method in METHODS:
-                _run(method, llava, saisa, prompts[:2], pixel_values, image_id, 1)  # warm-up
+            for method in METHODS:  # warm-up
+                warm = _Pass(method, "prefill", 1, (llava, saisa), prompts[:2], pixel_values, image_id)
+                for image, ids in prompts[:2]:
+                    warm.answer(image, ids)
             for repeat in range(repeats):
                 if log:
                     log(f"{layout}: repeat {repeat + 1} of {repeats}")
-                for method in METHODS if repeat % 2 == 0 else METHODS[::-1]:
-                    for phase, new_tokens in phases:
-                        gc.collect()
-                        start = time.perf_counter()
-                        stats[method] = _run(method, llava, saisa, prompts, pixel_values, image_id, new_tokens)
-                        times[(method, phase)].append(time.perf_counter() - start)
+                passes = [
+                    _Pass(m, phase, n, (llava, saisa), prompts, pixel_values, image_id)
+                    for m in METHODS
+                    for phase, n in phases
+                ]
+                for index, (image, ids) in enumerate(prompts):
+                    gc.collect()
+                    turn = (index + repeat) % len(passes)  # who goes first rotates from prompt to prompt
+                    for run in passes[turn:] + passes[:turn]:
+                        run.answer(image, ids)
+                for run in passes:
+                    times[(run.method, run.phase)].append(run.seconds)
+                    if run.store is not None:
+                        stats[run.method] = run.store.stats()
             row: dict[str, dict[str, Any]] = {}
             for method in METHODS:
                 prefill, end_to_end = times[(method, "prefill")], times[(method, "end_to_end")]
@@ -171,7 +195,7 @@ def run_reuse_benchmark(
                     "end_to_end_min_s": min(end_to_end),
                     "all_s": {"prefill": prefill, "end_to_end": end_to_end},
                 }
-                if stats[method] is not None:
+                if method in stats:
                     row[method]["store_stats"] = stats[method]
             base = row["llava_generate"]["prefill_tokens_per_s"]
             for method in METHODS:
