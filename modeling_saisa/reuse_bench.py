@@ -73,20 +73,22 @@ class _Pass:
     prompts (a store, or the prefix caches of the images); `seconds` sums its timed work."""
 
     def __init__(self, method: str, phase: str, new_tokens: int, models, prompts, pixel_values, image_id: int):
-        self.method, self.phase, self.new_tokens = method, phase, new_tokens
+        self.method, self.phase = method, phase
+        self.gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         self.llava, self.saisa = models
         self.pixel_values, self.image_id = pixel_values, image_id
         self.store = ImageKVStore(max_bytes=1 << 40) if method == "saisa_store" else None
-        # Each image's cached prefix: what all its prompts share (one token is always left to run).
-        self.prefix_length = {
-            image: _common_prefix([ids for i, ids in prompts if i == image]) for image in {i for i, _ in prompts}
-        }
+        # Each image's cached prefix (prefix reuse only): what all its prompts share (one token is always left to run).
+        self.prefix_length = {}
+        if method == "llava_prefix_reuse":
+            for image in {i for i, _ in prompts}:
+                self.prefix_length[image] = _common_prefix([ids for i, ids in prompts if i == image])
         self.prefixes: dict[int, Any] = {}
         self.seconds = 0.0
 
     def answer(self, image: int, ids: torch.Tensor) -> None:
         """Answer one prompt; the first one about an image also builds that image's prefix cache (timed with it)."""
-        gen = dict(max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens, do_sample=False, pad_token_id=0)
+        gen = self.gen
         px = self.pixel_values[image : image + 1]
         mask = torch.ones_like(ids)
         start = time.perf_counter()

@@ -251,6 +251,8 @@ def test_weights_digest_is_the_per_parameter_digest():
     model.multi_modal_projector.to(torch.bfloat16)
     model.language_model.layers[0].to(torch.float64)
     named = image_kv.fingerprint_parameters(model)
+    # A weight of several float64 chunks (the tiny model's fit in one).
+    named.append(("large", torch.randn(5 * (1 << 16) + 3, generator=torch.Generator().manual_seed(0))))
     assert len({p.dtype for _, p in named}) == 3
     reference = hashlib.sha256()
     for name, tensor in named:
